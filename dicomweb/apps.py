@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class DICOMwebConfig(AppConfig):
+    name = "dicomweb"
+    verbose_name = "DICOMweb"

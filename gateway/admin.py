@@ -1,0 +1,91 @@
+"""Admin pages for nodes, association events and running processes."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.utils.html import format_html
+
+from gateway import services
+from gateway.models import AssociationEvent, Heartbeat, Node
+
+admin.site.site_header = "Isthmus DICOM gateway"
+admin.site.site_title = "Isthmus"
+admin.site.index_title = "Administration"
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ("name", "ae_title", "host", "port", "enabled", "allowed_in", "allowed_out",
+                    "last_seen_at", "last_seen_address", "last_error_short")  # fmt: skip
+    list_filter = ("enabled", "allowed_in", "allowed_out", "allow_echo", "allow_store", "allow_worklist",
+                   "allow_mpps", "allow_query_retrieve", "allow_commitment")  # fmt: skip
+    search_fields = ("name", "ae_title", "host", "description")
+    readonly_fields = ("last_seen_at", "last_seen_address", "last_error", "last_error_at", "created_at", "updated_at")
+    actions = ["verify"]
+    fieldsets = (
+        (None, {"fields": ("name", "ae_title", "host", "port", "description", "enabled")}),
+        ("Direction", {"fields": ("allowed_in", "allowed_out")}),
+        (
+            "Services this node may use",
+            {
+                "fields": (
+                    "allow_echo",
+                    "allow_store",
+                    "allow_worklist",
+                    "allow_mpps",
+                    "allow_query_retrieve",
+                    "allow_commitment",
+                )
+            },
+        ),  # fmt: skip
+        ("Status", {"fields": readonly_fields}),
+    )
+
+    @admin.display(description="last error")
+    def last_error_short(self, node: Node) -> str:
+        if not node.last_error:
+            return ""
+        return format_html('<span title="{}" style="color:#ba2121">{}</span>', node.last_error, node.last_error[:60])
+
+    @admin.action(description="Verify (C-ECHO) selected nodes")
+    def verify(self, request: HttpRequest, queryset: QuerySet[Node]) -> TemplateResponse:
+        results = services.verify_nodes(nodes=list(queryset))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Verify: C-ECHO results",
+            "opts": self.model._meta,
+            "results": results,
+            "ok_count": sum(1 for _, result in results if result.ok),
+        }
+        return TemplateResponse(request, "admin/gateway/node/verify_results.html", context)
+
+
+@admin.register(AssociationEvent)
+class AssociationEventAdmin(admin.ModelAdmin):
+    list_display = ("at", "calling_ae", "peer_address", "called_ae", "accepted", "reason", "detail", "node",
+                    "outcome", "requests", "ended_at")  # fmt: skip
+    list_filter = ("accepted", "reason", "outcome", "at")
+    search_fields = ("calling_ae", "called_ae", "peer_address", "node__name")
+    date_hierarchy = "at"
+    list_select_related = ("node",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(Heartbeat)
+class HeartbeatAdmin(admin.ModelAdmin):
+    list_display = ("kind", "instance", "address", "started_at", "beat_at")
+    list_filter = ("kind",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

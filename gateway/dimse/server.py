@@ -1,0 +1,88 @@
+"""The DIMSE listener: one pynetdicom AE built from settings, with a heartbeat and a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from gateway import services
+from gateway.dimse.handlers import HANDLERS
+
+log = logging.getLogger("isthmus.dimse")
+
+
+def build_ae() -> AE:
+    """Our application entity with every service the listener offers."""
+    ae = AE(ae_title=settings.AE_TITLE)
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = settings.DIMSE_MAX_ASSOCIATIONS
+    ae.network_timeout = settings.DIMSE_IDLE_TIMEOUT
+    ae.acse_timeout = settings.DIMSE_TIMEOUT
+    ae.dimse_timeout = settings.DIMSE_TIMEOUT
+    # Called/calling AE checks happen in handlers.handle_requested, against the registry.
+    ae.require_called_aet = False
+    return ae
+
+
+class Listener:
+    """Serves associations on a port until stop(); stop() lets in-flight ones finish."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.ae = build_ae()
+        self.server = None
+        self.started_at = timezone.now()
+        self._stopping = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat_forever, name="dimse-heartbeat", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{settings.AE_TITLE}@{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=HANDLERS)
+        self.port = self.server.server_address[1]
+        self._beat()
+        self._heartbeat.start()
+        log.info("DIMSE listener %s ready", self.address)
+
+    def _beat(self) -> None:
+        try:
+            services.beat(kind="dimse", address=self.address, started_at=self.started_at)
+        except Exception as exc:  # the database may be down; keep serving and say so
+            log.warning("heartbeat not recorded: %s", exc)
+        finally:
+            connection.close()
+
+    def _beat_forever(self) -> None:
+        while not self._stopping.wait(settings.HEARTBEAT_INTERVAL):
+            self._beat()
+
+    def active(self) -> list:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, wait up to `grace` seconds for open associations, abort the rest."""
+        self._stopping.set()
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + grace
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for association in self.active():
+            log.warning("aborting association with %s at shutdown", association.requestor.ae_title)
+            association.abort()
+        try:
+            services.stop_beating(kind="dimse")
+        except Exception as exc:
+            log.warning("heartbeat not removed: %s", exc)
+        finally:
+            connection.close()
+        log.info("DIMSE listener stopped")

@@ -1,0 +1,23 @@
+"""`manage.py export_config [FILE]`: nodes (and later destinations, rules) as YAML."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand
+
+from gateway.config_file import export_config
+
+
+class Command(BaseCommand):
+    help = "Write the configuration (nodes, destinations, rules) as YAML to FILE or standard output."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("file", nargs="?", help="output file (default: standard output)")
+
+    def handle(self, *args, file: str | None, **options) -> None:
+        text = export_config()
+        if file:
+            with open(file, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            self.stderr.write(f"wrote {file}")
+        else:
+            self.stdout.write(text, ending="")

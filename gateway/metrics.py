@@ -1,0 +1,33 @@
+"""Prometheus metrics shared by every Isthmus process.
+
+Processes write to PROMETHEUS_MULTIPROC_DIR (set in settings) and the web
+process sums them for /metrics, so counters from the DIMSE listener and the
+workers appear in one scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
+
+ASSOCIATIONS = Counter(
+    "isthmus_dimse_associations_total",
+    "DIMSE association requests, by result and reason.",
+    ["result", "reason"],
+)
+DIMSE_REQUESTS = Counter(
+    "isthmus_dimse_requests_total",
+    "DIMSE requests served, by service and response status.",
+    ["service", "status"],
+)
+ACTIVE_ASSOCIATIONS = Gauge(
+    "isthmus_dimse_active_associations",
+    "Associations currently open on the DIMSE listeners.",
+    multiprocess_mode="livesum",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The text exposition of every process's metrics, and its content type."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

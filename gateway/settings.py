@@ -1,0 +1,229 @@
+"""Isthmus settings: everything from the environment, with safe defaults.
+
+With no variables set, Isthmus runs on SQLite and a filesystem queue under the
+data directory, so `make run` needs no external service. A bad value stops
+start-up with one line naming the variable (see gateway/env.py).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import dj_database_url
+
+from gateway.env import Env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = Env()
+
+# --- Isthmus ---------------------------------------------------------------
+DATA_DIR = Path(env.str("ISTHMUS_DATA_DIR", str(BASE_DIR / "data"))).expanduser().resolve()
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    if not os.access(DATA_DIR, os.W_OK):
+        raise PermissionError(str(DATA_DIR))
+except OSError:
+    env.fail("ISTHMUS_DATA_DIR", str(DATA_DIR), "a directory Isthmus can create and write")
+
+AE_TITLE = env.ae_title("ISTHMUS_AE_TITLE", "ISTHMUS")
+DIMSE_HOST = env.str("ISTHMUS_DIMSE_HOST", "0.0.0.0")
+DIMSE_PORT = env.port("ISTHMUS_DIMSE_PORT", 11112)
+HTTP_HOST = env.str("ISTHMUS_HTTP_HOST", "0.0.0.0")
+HTTP_PORT = env.port("ISTHMUS_HTTP_PORT", 8000)
+HL7_PORT = env.port("ISTHMUS_HL7_PORT", 2575)
+REQUIRE_KNOWN_AE = env.bool("ISTHMUS_REQUIRE_KNOWN_AE", True)
+# Seconds: TCP connect and ACSE/DIMSE answer limits for associations we open.
+DIMSE_TIMEOUT = env.float("ISTHMUS_DIMSE_TIMEOUT", 10.0, low=0.1)
+# Seconds an association may stay silent before the listener aborts it.
+DIMSE_IDLE_TIMEOUT = env.float("ISTHMUS_DIMSE_IDLE_TIMEOUT", 60.0, low=1.0)
+DIMSE_MAX_ASSOCIATIONS = env.int("ISTHMUS_DIMSE_MAX_ASSOCIATIONS", 50, 1, 1000)
+# Seconds SIGTERM waits for in-flight associations before closing them.
+DIMSE_SHUTDOWN_GRACE = env.float("ISTHMUS_DIMSE_SHUTDOWN_GRACE", 30.0)
+HEARTBEAT_INTERVAL = env.float("ISTHMUS_HEARTBEAT_INTERVAL", 10.0, low=0.5)
+# A listener whose heartbeat is older than this is reported down by /healthz.
+HEARTBEAT_STALE_AFTER = env.float("ISTHMUS_HEARTBEAT_STALE_AFTER", 45.0, low=1.0)
+MIN_FREE_BYTES = env.int("ISTHMUS_MIN_FREE_MB", 1024, 0) * 1024 * 1024
+EVENT_RETENTION_DAYS = env.int("ISTHMUS_EVENT_RETENTION_DAYS", 90, 1)
+WEB_WORKERS = env.int("ISTHMUS_WEB_WORKERS", 2, 1, 64)
+WORKER_CONCURRENCY = env.int("ISTHMUS_WORKER_CONCURRENCY", 2, 1, 256)
+
+# --- Django ----------------------------------------------------------------
+DEBUG = env.bool("ISTHMUS_DEBUG", False)
+ALLOWED_HOSTS = env.list("ISTHMUS_ALLOWED_HOSTS", ["*"])
+CSRF_TRUSTED_ORIGINS = env.list("ISTHMUS_CSRF_TRUSTED_ORIGINS", [])
+
+
+def _secret_key() -> str:
+    """Keep a generated key in the data dir so sessions survive restarts."""
+    from_env = os.environ.get("DJANGO_SECRET_KEY", "").strip()
+    if from_env:
+        return from_env
+    path = DATA_DIR / "secret_key"
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(50))
+        return path.read_text().strip()
+    except FileExistsError:  # another process won the race; read its key
+        return path.read_text().strip()
+    except OSError:
+        if not any("ISTHMUS_DATA_DIR" in error for error in env.errors):
+            env.fail("DJANGO_SECRET_KEY", "", f"a value, or a writable {path}")
+        return "unusable"
+
+
+SECRET_KEY = _secret_key()
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "gateway",
+    "worklist",
+    "routing",
+    "dicomweb",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "gateway.urls"
+WSGI_APPLICATION = "gateway.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database() -> dict:
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(DATA_DIR / "isthmus.sqlite3"),
+            # Several processes share the file: WAL lets readers run beside
+            # the writer, IMMEDIATE takes the write lock up front.
+            # Tests share their database with the processes they start: keep it a file.
+            "TEST": {"NAME": str(DATA_DIR / "test-isthmus.sqlite3")},
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    try:
+        config = dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True)
+    except ValueError:
+        env.fail("DATABASE_URL", url, "postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///PATH")
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    if config.get("ENGINE", "").endswith("postgresql"):
+        config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
+    return config
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("ISTHMUS_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+
+def _ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # ISTHMUS_DATA_DIR is already reported
+    return path
+
+
+_ensure_dir(STATIC_ROOT)
+WHITENOISE_USE_FINDERS = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+}
+
+# --- Celery ----------------------------------------------------------------
+QUEUE_DIR = DATA_DIR / "queue"
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or "filesystem://"
+_BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "amqps", "pyamqp", "sqs")
+if CELERY_BROKER_URL.split("://", 1)[0] not in _BROKER_SCHEMES or "://" not in CELERY_BROKER_URL:
+    env.fail("CELERY_BROKER_URL", CELERY_BROKER_URL, "redis://HOST:PORT/DB, amqp://... or filesystem://")
+EMBEDDED_QUEUE = CELERY_BROKER_URL.startswith("filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
+if EMBEDDED_QUEUE:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(QUEUE_DIR),
+        "data_folder_out": str(QUEUE_DIR),
+        "control_folder": str(QUEUE_DIR / "control"),
+        "store_processed": False,
+    }
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+
+# --- Metrics ---------------------------------------------------------------
+# Every process (web, dimse, worker) writes its counters here; /metrics sums
+# them. Must be in the environment before prometheus_client is imported.
+PROMETHEUS_DIR = _ensure_dir(Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))))
+
+# --- Logging ---------------------------------------------------------------
+LOG_LEVEL = env.choice("ISTHMUS_LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    # pynetdicom logs dataset contents (patient data) below WARNING.
+    "loggers": {"pynetdicom": {"level": "WARNING"}},
+}
+
+if env.errors:
+    for line in env.errors:
+        sys.stderr.write(f"isthmus: {line}\n")
+    raise SystemExit(2)

@@ -1,0 +1,1 @@
+"""Destinations, rules and durable forwarding (issue 5)."""

@@ -1,0 +1,1 @@
+"""Modality worklist, HL7 orders and MPPS (issue 4)."""
