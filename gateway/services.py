@@ -94,7 +94,7 @@ def verify_nodes(*, nodes: list[Node], timeout: float | None = None) -> list[tup
     """Verify several nodes in parallel, so one unreachable node does not hold up the rest."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(nodes)))) as pool:
         results = list(pool.map(lambda node: _verify_in_thread(node, timeout), nodes))
-    return list(zip(nodes, results))
+    return list(zip(nodes, results, strict=True))
 
 
 def _verify_in_thread(node: Node, timeout: float | None) -> EchoResult:

@@ -28,6 +28,15 @@ try:
 except OSError:
     env.fail("ISTHMUS_DATA_DIR", str(DATA_DIR), "a directory Isthmus can create and write")
 
+
+def _ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # ISTHMUS_DATA_DIR is already reported
+    return path
+
+
 AE_TITLE = env.ae_title("ISTHMUS_AE_TITLE", "ISTHMUS")
 DIMSE_HOST = env.str("ISTHMUS_DIMSE_HOST", "0.0.0.0")
 DIMSE_PORT = env.port("ISTHMUS_DIMSE_PORT", 11112)
@@ -138,10 +147,13 @@ def _database() -> dict:
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
         }
+    expected = "postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///PATH"
     try:
         config = dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True)
     except ValueError:
-        env.fail("DATABASE_URL", url, "postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///PATH")
+        config = {}
+    if not config.get("ENGINE", "").endswith(("postgresql", "sqlite3")):
+        env.fail("DATABASE_URL", url, expected)
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
     if config.get("ENGINE", "").endswith("postgresql"):
         config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
@@ -165,14 +177,6 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
 
-def _ensure_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # ISTHMUS_DATA_DIR is already reported
-    return path
-
-
 _ensure_dir(STATIC_ROOT)
 WHITENOISE_USE_FINDERS = True
 
@@ -193,6 +197,7 @@ if CELERY_BROKER_URL.split("://", 1)[0] not in _BROKER_SCHEMES or "://" not in C
 EMBEDDED_QUEUE = CELERY_BROKER_URL.startswith("filesystem://")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if EMBEDDED_QUEUE:
+    _ensure_dir(QUEUE_DIR / "control")
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(QUEUE_DIR),
         "data_folder_out": str(QUEUE_DIR),

@@ -117,3 +117,7 @@ def manage(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+# The Redis the tests use for real (CI sets it; the machine runs one on 6379).
+REDIS_URL = os.environ.get("ISTHMUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -58,8 +58,6 @@ class Command(BaseCommand):
         # Counters of processes from an earlier run are stale.
         shutil.rmtree(settings.PROMETHEUS_DIR, ignore_errors=True)
         settings.PROMETHEUS_DIR.mkdir(parents=True, exist_ok=True)
-        settings.QUEUE_DIR.mkdir(parents=True, exist_ok=True)
-        (settings.QUEUE_DIR / "control").mkdir(exist_ok=True)
 
         stopping = False
 
