@@ -104,3 +104,134 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.instance}"
+
+
+# --- The instance index: what C-STORE and STOW-RS fill, and Q/R, QIDO and WADO read. ---
+# Attribute values are kept as DICOM strings (DA "YYYYMMDD", TM "HHMMSS.FFFFFF") so
+# PS3.4 C.2.2.2 matching (ranges included) works as plain string comparisons in SQL.
+
+
+class Patient(models.Model):
+    patient_id = models.CharField(max_length=64, db_index=True)
+    issuer_of_patient_id = models.CharField(max_length=64, blank=True)
+    patient_name = models.CharField(max_length=324, blank=True, db_index=True)
+    patient_birth_date = models.CharField(max_length=8, blank=True)
+    patient_sex = models.CharField(max_length=16, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["patient_id", "issuer_of_patient_id"], name="patient_id_issuer")]
+
+    def __str__(self) -> str:
+        return f"patient #{self.pk}"  # never the name or ID: this string reaches logs
+
+
+class Study(models.Model):
+    study_instance_uid = models.CharField(max_length=64, unique=True)
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="studies")
+    study_date = models.CharField(max_length=8, blank=True, db_index=True)
+    study_time = models.CharField(max_length=16, blank=True)
+    accession_number = models.CharField(max_length=16, blank=True, db_index=True)
+    study_id = models.CharField(max_length=16, blank=True)
+    study_description = models.CharField(max_length=64, blank=True)
+    referring_physician_name = models.CharField(max_length=324, blank=True)
+    specific_character_set = models.CharField(max_length=128, blank=True)
+    calling_ae = models.CharField(max_length=16, blank=True, help_text="AE that sent the first instance")
+    received_at = models.DateTimeField(db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+
+    def __str__(self) -> str:
+        return self.study_instance_uid
+
+
+class Series(models.Model):
+    series_instance_uid = models.CharField(max_length=64, unique=True)
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    modality = models.CharField(max_length=16, blank=True, db_index=True)
+    series_number = models.IntegerField(null=True, blank=True)
+    series_description = models.CharField(max_length=64, blank=True)
+    body_part_examined = models.CharField(max_length=16, blank=True)
+    series_date = models.CharField(max_length=8, blank=True)
+    series_time = models.CharField(max_length=16, blank=True)
+    performed_procedure_step_start_date = models.CharField(max_length=8, blank=True)
+    performed_procedure_step_start_time = models.CharField(max_length=16, blank=True)
+    received_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return self.series_instance_uid
+
+
+class Instance(models.Model):
+    sop_instance_uid = models.CharField(max_length=64, unique=True)
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    sop_class_uid = models.CharField(max_length=64, db_index=True)
+    instance_number = models.IntegerField(null=True, blank=True)
+    transfer_syntax_uid = models.CharField(max_length=64)
+    number_of_frames = models.IntegerField(null=True, blank=True)
+    rows = models.IntegerField(null=True, blank=True)
+    columns = models.IntegerField(null=True, blank=True)
+    bits_allocated = models.IntegerField(null=True, blank=True)
+    content_date = models.CharField(max_length=8, blank=True)
+    content_time = models.CharField(max_length=16, blank=True)
+    path = models.CharField(max_length=255, help_text="relative to the storage root")
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    calling_ae = models.CharField(max_length=16, blank=True)
+    called_ae = models.CharField(max_length=16, blank=True)
+    source = models.CharField(max_length=16, default="dimse", help_text="dimse or stow")
+    received_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.sop_instance_uid
+
+
+class AuditEvent(models.Model):
+    """Something an administrator may need to account for later: duplicates, rejections, deletions."""
+
+    at = models.DateTimeField(db_index=True)
+    action = models.CharField(max_length=48, db_index=True)
+    actor = models.CharField(max_length=128, blank=True, help_text="AE title, user or process")
+    target = models.CharField(max_length=128, blank=True, help_text="a UID, never patient data")
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.target}"
+
+
+class CommitmentRequest(models.Model):
+    """A Storage Commitment N-ACTION (PS3.4 J.3) and the N-EVENT-REPORT owed for it."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Report not yet delivered"
+        DELIVERED = "delivered", "Report delivered"
+        FAILED = "failed", "Gave up delivering the report"
+
+    transaction_uid = models.CharField(max_length=64, db_index=True)
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="commitments")
+    calling_ae = models.CharField(max_length=16)
+    peer_address = models.CharField(max_length=64, blank=True)
+    referenced = models.JSONField(help_text="[[SOP Class UID, SOP Instance UID], ...] asked for")
+    success = models.JSONField(default=list, help_text="committed [[class, instance], ...]")
+    failed = models.JSONField(default=list, help_text="[[class, instance, failure reason], ...]")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_error = models.TextField(blank=True)
+    received_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-received_at"]
+
+    def __str__(self) -> str:
+        return self.transaction_uid

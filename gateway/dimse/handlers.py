@@ -14,7 +14,6 @@ from pynetdicom import evt
 from gateway import metrics, services
 from gateway.dimse import access
 from gateway.dimse.sockets import set_nodelay
-from gateway.dimse.status import Status
 from gateway.models import Node
 
 log = logging.getLogger("isthmus.dimse")
@@ -97,18 +96,10 @@ def allowed(event: evt.Event, service: str) -> bool:
     return node is None or node.allows(service)
 
 
-def handle_echo(event: evt.Event) -> int:
-    """C-ECHO: success, unless the node may not use verification."""
-    status = Status.SUCCESS if allowed(event, "echo") else Status.REFUSED_NOT_AUTHORIZED
-    metrics.DIMSE_REQUESTS.labels("echo", f"0x{status:04X}").inc()
-    return status
-
-
 HANDLERS = [
     (evt.EVT_CONN_OPEN, set_nodelay),
     (evt.EVT_REQUESTED, handle_requested),
     (evt.EVT_RELEASED, handle_association_end),
     (evt.EVT_ABORTED, handle_association_end),
     (evt.EVT_CONN_CLOSE, handle_conn_close),
-    (evt.EVT_C_ECHO, handle_echo),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -10,18 +11,30 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from gateway import services
 from gateway.dimse.handlers import HANDLERS
 
 log = logging.getLogger("isthmus.dimse")
 
+# One module per DIMSE service; each offers `add_contexts(ae)` and `HANDLERS`
+# (pynetdicom (event, handler) pairs). Association control lives in handlers.py.
+SERVICE_MODULES = ("gateway.dimse.verification",)
+
+
+def service_modules() -> list:
+    return [importlib.import_module(name) for name in SERVICE_MODULES]
+
+
+def all_handlers() -> list:
+    return HANDLERS + [pair for module in service_modules() for pair in module.HANDLERS]
+
 
 def build_ae() -> AE:
     """Our application entity with every service the listener offers."""
     ae = AE(ae_title=settings.AE_TITLE)
-    ae.add_supported_context(Verification)
+    for module in service_modules():
+        module.add_contexts(ae)
     ae.maximum_associations = settings.DIMSE_MAX_ASSOCIATIONS
     ae.network_timeout = settings.DIMSE_IDLE_TIMEOUT
     ae.acse_timeout = settings.DIMSE_TIMEOUT
@@ -47,7 +60,7 @@ class Listener:
         return f"{settings.AE_TITLE}@{self.host}:{self.port}"
 
     def start(self) -> None:
-        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=HANDLERS)
+        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
         self.port = self.server.server_address[1]
         self._beat()
         self._heartbeat.start()
