@@ -56,6 +56,14 @@ HEARTBEAT_INTERVAL = env.float("ISTHMUS_HEARTBEAT_INTERVAL", 10.0, low=0.5)
 HEARTBEAT_STALE_AFTER = env.float("ISTHMUS_HEARTBEAT_STALE_AFTER", 45.0, low=1.0)
 MIN_FREE_BYTES = env.int("ISTHMUS_MIN_FREE_MB", 1024, 0) * 1024 * 1024
 EVENT_RETENTION_DAYS = env.int("ISTHMUS_EVENT_RETENTION_DAYS", 90, 1)
+# Where received instances live: <root>/<study>/<series>/<sop>.dcm
+STORAGE_DIR = Path(env.str("ISTHMUS_STORAGE_DIR", str(DATA_DIR / "storage"))).expanduser().resolve()
+# Same SOP Instance UID, different bytes: keep-first (answer success, keep the old), replace, or reject.
+DUPLICATE_POLICY = env.choice("ISTHMUS_DUPLICATE_POLICY", "keep-first", ("keep-first", "replace", "reject"))
+# What Storage Commitment promises: "stored" here and indexed, or also "delivered" to every destination.
+COMMITMENT_POLICY = env.choice("ISTHMUS_COMMITMENT_POLICY", "stored", ("stored", "delivered"))
+# Most C-FIND answers to one query; the rest are cut with a warning in the log.
+FIND_LIMIT = env.int("ISTHMUS_FIND_LIMIT", 5000, 1, 1_000_000)
 WEB_WORKERS = env.int("ISTHMUS_WEB_WORKERS", 2, 1, 64)
 WORKER_CONCURRENCY = env.int("ISTHMUS_WORKER_CONCURRENCY", 2, 1, 256)
 
