@@ -79,7 +79,8 @@ class Listener:
             self._beat()
 
     def active(self) -> list:
-        return [a for a in self.ae.active_associations if a.is_acceptor]
+        """Established associations we accepted: the work SIGTERM must let finish."""
+        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]
 
     def stop(self, grace: float) -> None:
         """Stop accepting, wait up to `grace` seconds for open associations, abort the rest."""

@@ -1,0 +1,49 @@
+"""`manage.py dimse` as its own process: SIGTERM lets open associations finish, then it exits."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from gateway.models import Heartbeat, Node
+from tests.conftest import ROOT, free_port, peer_env, stop_process, wait_for_port
+
+
+def test_sigterm_finishes_open_association_then_exits(transactional_db):
+    Node.objects.create(name="ct-1", ae_title="CT1", host="127.0.0.1", port=104)
+    port = free_port()
+    listener = subprocess.Popen(
+        [sys.executable, "manage.py", "dimse", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=peer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process=listener)
+        assert Heartbeat.objects.filter(kind="dimse", address=f"ISTHMUS@127.0.0.1:{port}").exists()
+        scu = AE(ae_title="CT1")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="ISTHMUS")
+        assert assoc.is_established
+
+        listener.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert listener.poll() is None, "the listener waits for the open association"
+        refused = scu.associate("127.0.0.1", port, ae_title="ISTHMUS")
+        assert not refused.is_established, "no new associations once stopping"
+        assert assoc.send_c_echo().Status == 0x0000, "the open association is still served"
+        assoc.release()
+
+        assert listener.wait(timeout=10) == 0
+        output = listener.stdout.read()
+        assert "DIMSE listener stopped" in output
+        assert not Heartbeat.objects.filter(kind="dimse").exists()
+    finally:
+        stop_process(listener)
