@@ -58,6 +58,17 @@ def peer_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def spawn_python(*args: str, **env_overrides: str) -> subprocess.Popen:
+    """Start `python ARGS` from the project root with the test database; output discarded."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=peer_env(**env_overrides),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     if process.poll() is None:
         process.terminate()

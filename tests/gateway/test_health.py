@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.models import Heartbeat
-from tests.conftest import REDIS_URL, ROOT, echoscu, free_port, peer_env, stop_process, wait_for_port
+from tests.conftest import REDIS_URL, echoscu, free_port, spawn_python, stop_process, wait_for_port
 
 
 def test_healthz_ok_when_all_is_well(client, listener):
@@ -46,23 +43,17 @@ def web_with(transactional_db):
 
     def start(**env_overrides: str) -> str:
         port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "gateway.wsgi",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--no-control-socket",
-            ],  # fmt: skip
-            env=peer_env(**env_overrides),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        gunicorn = (
+            "-m",
+            "gunicorn",
+            "gateway.wsgi",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--no-control-socket",
         )
+        process = spawn_python(*gunicorn, **env_overrides)
         processes.append(process)
         wait_for_port(port, process=process)
         return f"http://127.0.0.1:{port}"

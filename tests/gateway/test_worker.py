@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,32 +10,26 @@ from kombu import Connection
 
 from gateway.models import Heartbeat
 from gateway.tasks import worker_heartbeat
-from tests.conftest import REDIS_URL, ROOT, peer_env, stop_process
+from tests.conftest import REDIS_URL, spawn_python, stop_process
 
 
 @pytest.mark.parametrize("broker", [REDIS_URL, "filesystem://"])
 def test_worker_runs_a_task_sent_through_the_broker(transactional_db, broker):
     overrides = {"CELERY_BROKER_URL": broker} if broker != "filesystem://" else {}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "gateway",
-            "worker",
-            "--pool",
-            "solo",
-            "--hostname",
-            "test@%h",
-            "--loglevel",
-            "WARNING",
-        ],  # fmt: skip
-        env=peer_env(**overrides),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    celery = (
+        "-m",
+        "celery",
+        "-A",
+        "gateway",
+        "worker",
+        "--pool",
+        "solo",
+        "--hostname",
+        "test@%h",
+        "--loglevel",
+        "WARNING",
     )
+    worker = spawn_python(*celery, **overrides)
     try:
         if broker == settings.CELERY_BROKER_URL:
             worker_heartbeat.delay()  # the embedded queue this test run is configured with
