@@ -17,6 +17,7 @@ Reason = AssociationEvent.Reason
 # PS3.8 9.3.4: (result, source, diagnostic) of an A-ASSOCIATE-RJ.
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,11 @@ def host_matches(node: Node, peer_address: str) -> bool:
     return not node.host or _normalise(peer_address) in resolve(node.host)
 
 
-def decide(calling_ae: str, called_ae: str, peer_address: str) -> Decision:
-    """Apply the called AE, the node registry and the node's host to a request."""
+def decide(calling_ae: str, called_ae: str, peer_address: str, open_associations: int = 0) -> Decision:
+    """Apply the called AE, the node registry, the node's host and our capacity to a request."""
     calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
+    if open_associations > settings.DIMSE_MAX_ASSOCIATIONS:
+        return Decision(False, Reason.BUSY, reject=REJECT_BUSY, detail=f"{settings.DIMSE_MAX_ASSOCIATIONS} open")
     if called_ae != settings.AE_TITLE:
         return Decision(False, Reason.CALLED_AE, reject=REJECT_CALLED_AE, detail=f"we are {settings.AE_TITLE}")
     nodes = list(Node.objects.filter(ae_title=calling_ae))

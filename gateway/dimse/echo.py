@@ -62,7 +62,7 @@ def _describe_connect_error(error: str | None, elapsed: float, timeout: float) -
         return "no association: the peer closed the connection"
     lowered = error.lower()
     if "refused" in lowered:
-        return f"connection refused ({error})"
+        return "connection refused"
     if "timed out" in lowered or elapsed >= timeout * 0.95:
         return f"timeout: no TCP connection within {timeout:g} s"
     return f"connection failed ({error})"

@@ -35,7 +35,9 @@ def handle_requested(event: evt.Event) -> None:
     peer_address, peer_port = _peer(assoc)
     close_old_connections()
     try:
-        decision = access.decide(calling_ae, called_ae, peer_address)
+        # This association already counts among the AE's threads.
+        open_associations = sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
+        decision = access.decide(calling_ae, called_ae, peer_address, open_associations)
         association_event = services.record_association(
             decision=decision,
             calling_ae=calling_ae,

@@ -113,3 +113,19 @@ def test_listener_sets_tcp_nodelay(listener, modality):
     listener.server.bind(evt.EVT_DIMSE_RECV, spy)
     assert echoscu(listener.port, "CT1").returncode == 0
     assert seen and all(seen)
+
+
+def test_association_over_the_limit_is_rejected_transient_and_recorded(listener, modality, settings):
+    settings.DIMSE_MAX_ASSOCIATIONS = listener.ae.maximum_associations = 1
+    scu = AE(ae_title="CT1")
+    scu.add_requested_context(Verification)
+    first = scu.associate("127.0.0.1", listener.port, ae_title="ISTHMUS")
+    assert first.is_established
+    try:
+        result = echoscu(listener.port, "CT1")
+        assert result.returncode != 0
+        assert "Rejected Transient" in result.stdout + result.stderr
+        event = last_event()
+        assert (event.accepted, event.reason) == (False, Reason.BUSY)
+    finally:
+        first.release()
