@@ -81,7 +81,7 @@ class NodeAdmin(admin.ModelAdmin):
 
 @admin.register(AssociationEvent)
 class AssociationEventAdmin(admin.ModelAdmin):
-    list_display = ("when", "caller", "called_ae", "accepted", "verdict", "node", "ending")
+    list_display = ("when", "caller", "called_ae", "accepted", "verdict", "node_name", "ending")
     list_filter = ("accepted", "reason", "outcome", "at")
     search_fields = ("calling_ae", "called_ae", "peer_address", "node__name")
     date_hierarchy = "at"
@@ -99,6 +99,10 @@ class AssociationEventAdmin(admin.ModelAdmin):
     def verdict(self, event: AssociationEvent) -> str:
         reason = event.get_reason_display()
         return f"{reason}: {event.detail}" if event.detail else reason
+
+    @admin.display(description="node", ordering="node__name")
+    def node_name(self, event: AssociationEvent) -> str:
+        return event.node.name if event.node else ""
 
     @admin.display(description="ended")
     def ending(self, event: AssociationEvent) -> str:
