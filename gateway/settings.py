@@ -64,6 +64,11 @@ DUPLICATE_POLICY = env.choice("ISTHMUS_DUPLICATE_POLICY", "keep-first", ("keep-f
 COMMITMENT_POLICY = env.choice("ISTHMUS_COMMITMENT_POLICY", "stored", ("stored", "delivered"))
 # Most C-FIND answers to one query; the rest are cut with a warning in the log.
 FIND_LIMIT = env.int("ISTHMUS_FIND_LIMIT", 5000, 1, 1_000_000)
+# Worklist: PN matching ignores case (many modalities send upper case), and answers per query.
+WORKLIST_PN_CASE_INSENSITIVE = env.bool("ISTHMUS_WORKLIST_PN_CASE_INSENSITIVE", True)
+WORKLIST_LIMIT = env.int("ISTHMUS_WORKLIST_LIMIT", 500, 1, 100_000)
+# Downstream MPPS SCPs (node names, comma-separated) that receive a copy of every MPPS.
+MPPS_RELAY_NODES = env.list("ISTHMUS_MPPS_RELAY_NODES", [])
 WEB_WORKERS = env.int("ISTHMUS_WEB_WORKERS", 2, 1, 64)
 WORKER_CONCURRENCY = env.int("ISTHMUS_WORKER_CONCURRENCY", 2, 1, 256)
 
