@@ -27,7 +27,11 @@ def test_sigterm_finishes_open_association_then_exits(transactional_db):
     )
     try:
         wait_for_port(port, process=listener)
-        assert Heartbeat.objects.filter(kind="dimse", address=f"ISTHMUS@127.0.0.1:{port}").exists()
+        beating = Heartbeat.objects.filter(kind="dimse", address=f"ISTHMUS@127.0.0.1:{port}")
+        deadline = time.monotonic() + 10  # the first beat is written just after the port opens
+        while not beating.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert beating.exists()
         scu = AE(ae_title="CT1")
         scu.add_requested_context(Verification)
         assoc = scu.associate("127.0.0.1", port, ae_title="ISTHMUS")
