@@ -1,17 +1,22 @@
-"""Admin pages for nodes, association events and running processes."""
+"""Admin pages: nodes, associations, processes, the instance index, commitment reports, the dashboard."""
 
 from __future__ import annotations
 
-from django.contrib import admin
-from django.db.models import QuerySet
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.db.models import Count, OuterRef, Prefetch, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from gateway import services
-from gateway.models import AssociationEvent, Heartbeat, Node
+from gateway import commitment, dashboard, services
+from gateway.models import AssociationEvent, AuditEvent, CommitmentRequest, Heartbeat, Instance, Node, Series, Study
 
 admin.site.site_header = "Isthmus DICOM gateway"
 admin.site.site_title = "Isthmus"
@@ -128,3 +133,239 @@ class HeartbeatAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+
+# --- The instance index: read-only, the store writes it ---------------------------
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written by the gateway itself: shown, never edited or deleted here."""
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False  # deleting must go through the store, which owns the files
+
+
+class StudyDateFilter(admin.SimpleListFilter):
+    """Study Date is a DICOM DA string (YYYYMMDD), so ranges are string comparisons."""
+
+    title = "study date"
+    parameter_name = "study_date"
+    RANGES = {"today": 0, "7d": 7, "30d": 30, "365d": 365}
+
+    def lookups(self, request: HttpRequest, model_admin) -> list[tuple[str, str]]:
+        return [("today", "Today"), ("7d", "Past 7 days"), ("30d", "Past 30 days"), ("365d", "Past year")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        days = self.RANGES.get(self.value() or "")
+        if days is None:
+            return queryset
+        today = timezone.localdate()
+        return queryset.filter(study_date__gte=(today - timedelta(days=days)).strftime("%Y%m%d"))
+
+
+class ModalityFilter(admin.SimpleListFilter):
+    """Studies with at least one series of the modality (a subquery: no join that would skew the counts)."""
+
+    title = "modality"
+    parameter_name = "modality"
+
+    def lookups(self, request: HttpRequest, model_admin) -> list[tuple[str, str]]:
+        modalities = Series.objects.exclude(modality="").order_by("modality").values_list("modality", flat=True)
+        return [(m, m) for m in modalities.distinct()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
+        return queryset.filter(pk__in=Series.objects.filter(modality=self.value()).values("study_id"))
+
+
+class SeriesInline(admin.TabularInline):
+    model = Series
+    fields = ("series_number", "modality", "series_description", "body_part_examined", "instance_count",
+              "series_size", "instances_link")  # fmt: skip
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(instance_total=Count("instances"), size_total=Sum("instances__size"))
+            .order_by("series_number", "pk")
+        )
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.display(description="instances")
+    def instance_count(self, series: Series) -> int:
+        return series.instance_total
+
+    @admin.display(description="size")
+    def series_size(self, series: Series) -> str:
+        return filesizeformat(series.size_total or 0)
+
+    @admin.display(description="")
+    def instances_link(self, series: Series) -> str:
+        url = reverse("admin:gateway_instance_changelist") + f"?series__id__exact={series.pk}"
+        return format_html('<a href="{}">instance list</a>', url)
+
+
+@admin.register(Study)
+class StudyAdmin(ReadOnlyAdmin):
+    list_display = ("study_instance_uid", "patient_display", "patient_id", "study_date", "accession_number",
+                    "modalities", "calling_ae", "instance_count", "study_size", "received_at")  # fmt: skip
+    list_filter = (StudyDateFilter, ModalityFilter, "calling_ae", ("received_at", admin.DateFieldListFilter))
+    search_fields = ("=accession_number", "=patient__patient_id", "=study_instance_uid")
+    list_select_related = ("patient",)
+    show_full_result_count = False
+    date_hierarchy = None
+    ordering = ("-received_at",)
+    inlines = [SeriesInline]
+    readonly_fields = ("study_instance_uid", "patient_display", "patient_id", "study_date", "study_time",
+                       "accession_number", "study_id", "study_description", "referring_physician_name",
+                       "calling_ae", "received_at", "updated_at")  # fmt: skip
+    fields = readonly_fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # Counts and sizes as correlated subqueries: computed for the rows on the page
+        # only, and dropped from the paginator's COUNT. Modalities come from one prefetch.
+        instances = Instance.objects.filter(series__study=OuterRef("pk")).order_by().values("series__study")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                instance_total=Coalesce(Subquery(instances.annotate(n=Count("pk")).values("n")), 0),
+                size_total=Coalesce(Subquery(instances.annotate(n=Sum("size")).values("n")), 0),
+            )
+            .prefetch_related(Prefetch("series", queryset=Series.objects.only("pk", "study_id", "modality")))
+        )
+
+    @admin.display(description="patient", ordering="patient__patient_name")
+    def patient_display(self, study: Study) -> str:
+        return study.patient.patient_name.replace("^", " ").strip()
+
+    @admin.display(description="patient ID", ordering="patient__patient_id")
+    def patient_id(self, study: Study) -> str:
+        return study.patient.patient_id
+
+    @admin.display(description="modalities")
+    def modalities(self, study: Study) -> str:
+        return ", ".join(sorted({series.modality for series in study.series.all() if series.modality}))
+
+    @admin.display(description="instances", ordering="instance_total")
+    def instance_count(self, study: Study) -> str:
+        url = reverse("admin:gateway_instance_changelist") + f"?series__study__id__exact={study.pk}"
+        return format_html('<a href="{}">{}</a>', url, study.instance_total)
+
+    @admin.display(description="size", ordering="size_total")
+    def study_size(self, study: Study) -> str:
+        return filesizeformat(study.size_total or 0)
+
+
+@admin.register(Instance)
+class InstanceAdmin(ReadOnlyAdmin):
+    list_display = ("sop_instance_uid", "series_uid", "modality", "instance_number", "sop_class_uid",
+                    "transfer_syntax_uid", "instance_size", "calling_ae", "source", "received_at")  # fmt: skip
+    list_filter = ("source", "series__modality", "calling_ae")
+    search_fields = ("=sop_instance_uid", "=series__series_instance_uid", "=series__study__study_instance_uid")
+    list_select_related = ("series",)
+    show_full_result_count = False
+    ordering = ("series_id", "instance_number", "pk")
+    readonly_fields = ("sop_instance_uid", "series", "sop_class_uid", "instance_number", "transfer_syntax_uid",
+                       "number_of_frames", "rows", "columns", "bits_allocated", "content_date", "content_time",
+                       "path", "size", "sha256", "calling_ae", "called_ae", "source", "received_at")  # fmt: skip
+    fields = readonly_fields
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        # The links from a study and from its series.
+        return lookup in ("series__study__id__exact", "series__id__exact") or super().lookup_allowed(
+            lookup, value, request
+        )
+
+    @admin.display(description="series", ordering="series__series_instance_uid")
+    def series_uid(self, instance: Instance) -> str:
+        return instance.series.series_instance_uid
+
+    @admin.display(description="modality", ordering="series__modality")
+    def modality(self, instance: Instance) -> str:
+        return instance.series.modality
+
+    @admin.display(description="size", ordering="size")
+    def instance_size(self, instance: Instance) -> str:
+        return filesizeformat(instance.size)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ("at", "action", "actor", "target", "detail")
+    list_filter = ("action", ("at", admin.DateFieldListFilter))
+    search_fields = ("=target", "actor")
+    date_hierarchy = "at"
+
+
+@admin.register(CommitmentRequest)
+class CommitmentRequestAdmin(ReadOnlyAdmin):
+    list_display = ("transaction_uid", "calling_ae", "node", "state", "referenced_count", "success_count",
+                    "failed_count", "attempts", "next_attempt_at", "last_error_short", "received_at",
+                    "delivered_at")  # fmt: skip
+    list_filter = ("state", ("received_at", admin.DateFieldListFilter))
+    search_fields = ("=transaction_uid", "calling_ae")
+    list_select_related = ("node",)
+    actions = ["retry_now"]
+    readonly_fields = ("transaction_uid", "node", "calling_ae", "peer_address", "state", "attempts",
+                       "next_attempt_at", "last_error", "received_at", "delivered_at", "referenced", "success",
+                       "failed")  # fmt: skip
+    fields = readonly_fields
+
+    @admin.display(description="referenced")
+    def referenced_count(self, request: CommitmentRequest) -> int:
+        return len(request.referenced or [])
+
+    @admin.display(description="committed")
+    def success_count(self, request: CommitmentRequest) -> int:
+        return len(request.success or [])
+
+    @admin.display(description="failed")
+    def failed_count(self, request: CommitmentRequest) -> int:
+        return len(request.failed or [])
+
+    @admin.display(description="last error")
+    def last_error_short(self, request: CommitmentRequest) -> str:
+        if not request.last_error:
+            return ""
+        return format_html('<span title="{}" style="color:#ba2121">{}</span>', request.last_error,
+                           request.last_error[:60])  # fmt: skip
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("gateway.change_commitmentrequest")
+
+    @admin.action(description="Retry now: send the report again on a new association", permissions=["retry"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[CommitmentRequest]) -> None:
+        count = commitment.retry_now(commitment_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{count} commitment report(s) queued for delivery.", messages.SUCCESS)
+
+
+# --- The dashboard above the app list (templates/admin/index.html) -------------------
+
+
+_plain_index = admin.site.index
+
+
+def index_with_dashboard(request: HttpRequest, extra_context: dict | None = None) -> TemplateResponse:
+    """The admin index, with dashboard.summary() for the template."""
+    return _plain_index(request, extra_context={"dashboard": dashboard.summary(), **(extra_context or {})})
+
+
+admin.site.index = index_with_dashboard  # read by admin.site.get_urls(), after admin autodiscovery

@@ -78,8 +78,9 @@ CRITICAL = {
     "storage": check_storage,
     "dimse": lambda: check_listener("dimse"),
 }
-# Reported, but not (yet) a reason to fail: a worker being down delays work, loses none.
-INFORMATIONAL = {"worker": lambda: check_listener("worker")}
+# Reported, but not a reason to fail: a worker being down delays work and loses none; an
+# HL7 listener being down leaves the RIS queueing its orders (and some sites type them in).
+INFORMATIONAL = {"worker": lambda: check_listener("worker"), "hl7": lambda: check_listener("hl7")}
 
 
 def run_checks() -> dict[str, Any]:

@@ -31,3 +31,19 @@ def render() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+STORED_INSTANCES = Counter(
+    "isthmus_store_instances_total",
+    "Instances accepted by the store, by outcome (stored, duplicate, kept-first, replaced).",
+    ["outcome"],
+)
+STORED_BYTES = Counter(
+    "isthmus_store_bytes_total",
+    "Bytes of instance files written to the store.",
+)
+STORE_FAILURES = Counter(
+    "isthmus_store_failures_total",
+    "Instances the store refused, by DICOM status.",
+    ["status"],
+)

@@ -43,6 +43,7 @@ DIMSE_PORT = env.port("ISTHMUS_DIMSE_PORT", 11112)
 HTTP_HOST = env.str("ISTHMUS_HTTP_HOST", "0.0.0.0")
 HTTP_PORT = env.port("ISTHMUS_HTTP_PORT", 8000)
 HL7_PORT = env.port("ISTHMUS_HL7_PORT", 2575)
+HL7_HOST = env.str("ISTHMUS_HL7_HOST", DIMSE_HOST)
 REQUIRE_KNOWN_AE = env.bool("ISTHMUS_REQUIRE_KNOWN_AE", True)
 # Seconds: TCP connect and ACSE/DIMSE answer limits for associations we open.
 DIMSE_TIMEOUT = env.float("ISTHMUS_DIMSE_TIMEOUT", 10.0, low=0.1)

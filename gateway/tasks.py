@@ -7,7 +7,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from gateway import services
+from gateway import commitment, services
 
 log = logging.getLogger("isthmus.tasks")
 
@@ -24,3 +24,21 @@ def prune_association_events() -> int:
     if deleted:
         log.info("pruned %d association events older than %d days", deleted, settings.EVENT_RETENTION_DAYS)
     return deleted
+
+
+# --- Storage commitment reports (gateway/commitment.py holds the logic) ---
+
+
+@shared_task(ignore_result=True, acks_late=True)
+def deliver_commitment_report(commitment_id: int) -> None:
+    """One attempt to send a commitment report on a new association; idempotent."""
+    commitment.deliver(commitment_id=commitment_id)
+
+
+@shared_task(ignore_result=True)
+def sweep_commitment_reports() -> int:
+    """Re-ring every due report: the row is the truth, so a lost message or a Redis restart loses nothing."""
+    due = commitment.claim_due()
+    for commitment_id in due:
+        deliver_commitment_report.delay(commitment_id)
+    return len(due)

@@ -96,6 +96,14 @@ class Order(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    class Meta:
+        # One order per accession number and issuer, even when two NW messages race.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["accession_number", "issuer_of_accession_number"], name="worklist_order_accession"
+            )
+        ]
+
     def __str__(self) -> str:
         return f"order {self.accession_number}"
 

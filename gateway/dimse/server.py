@@ -6,28 +6,55 @@ import importlib
 import logging
 import threading
 import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
-from gateway import services
+from gateway import services, store
 from gateway.dimse.handlers import HANDLERS
 
 log = logging.getLogger("isthmus.dimse")
 
 # One module per DIMSE service; each offers `add_contexts(ae)` and `HANDLERS`
 # (pynetdicom (event, handler) pairs). Association control lives in handlers.py.
-SERVICE_MODULES = ("gateway.dimse.verification",)
+SERVICE_MODULES = (
+    "gateway.dimse.verification",
+    "gateway.dimse.storage",
+    "gateway.dimse.query_retrieve",
+    "gateway.dimse.commitment",
+    "gateway.dimse.worklist",
+    "gateway.dimse.mpps",
+)
 
 
 def service_modules() -> list:
     return [importlib.import_module(name) for name in SERVICE_MODULES]
 
 
+def _by_sop_class(routes: dict) -> Callable:
+    def dispatch(event: evt.Event):
+        return routes[event.request.AffectedSOPClassUID](event)
+
+    return dispatch
+
+
 def all_handlers() -> list:
-    return HANDLERS + [pair for module in service_modules() for pair in module.HANDLERS]
+    """Association control, then each service's handlers; an event two services bind
+    (EVT_C_FIND: worklist and Q/R) is routed by the request's SOP class (module.SOP_CLASSES)."""
+    pairs, shared = list(HANDLERS), defaultdict(dict)
+    for module in service_modules():
+        for event, handler in module.HANDLERS:
+            for sop_class in getattr(module, "SOP_CLASSES", ()):
+                shared[event][sop_class] = handler
+            pairs.append((event, handler))
+    # pynetdicom keeps one handler per intervention event: the last bound.
+    counts = Counter(event for event, _ in pairs if event.is_intervention)
+    routed = {event for event, n in counts.items() if n > 1}
+    return [(e, h) for e, h in pairs if e not in routed] + [(e, _by_sop_class(shared[e])) for e in routed]
 
 
 def build_ae() -> AE:
@@ -60,6 +87,7 @@ class Listener:
         return f"{settings.AE_TITLE}@{self.host}:{self.port}"
 
     def start(self) -> None:
+        store.sweep_temp_files()  # temp files of a listener that died mid-transfer
         self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
         self.port = self.server.server_address[1]
         self._beat()

@@ -40,6 +40,7 @@ def process_commands() -> dict[str, list[str]]:
                 "--workers", str(settings.WEB_WORKERS), "--threads", "4", "--graceful-timeout", "10",
                 "--access-logfile", "-", "--log-level", settings.LOG_LEVEL.lower(), "--no-control-socket"],
         "dimse": [python, manage, "dimse"],
+        "hl7": [python, manage, "hl7"],
         "worker": [python, "-m", "celery", "-A", "gateway", "worker", "--beat", "--loglevel", settings.LOG_LEVEL, "--hostname", "isthmus@%h",
                    "--concurrency", str(settings.WORKER_CONCURRENCY), "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME],
     }  # fmt: skip
@@ -73,7 +74,7 @@ class Command(BaseCommand):
             children[name] = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
             self.stdout.write(f"started {name} (pid {children[name].pid})")
         self.stdout.write(
-            f"Isthmus {settings.AE_TITLE}: DIMSE on port {settings.DIMSE_PORT}, "
+            f"Isthmus {settings.AE_TITLE}: DIMSE on port {settings.DIMSE_PORT}, HL7 on port {settings.HL7_PORT}, "
             f"web on http://{settings.HTTP_HOST}:{settings.HTTP_PORT}/ (admin, /healthz, /metrics); "
             f"data in {settings.DATA_DIR}. Ctrl-C stops."
         )

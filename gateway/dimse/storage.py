@@ -1,0 +1,113 @@
+"""Storage SOP Classes as SCP (C-STORE), PS3.4 Annex B: every instance goes through store.save().
+
+pynetdicom writes each received data set straight to a file (chunked
+receive), which we direct into the store's temp folder so that placing it is
+one rename; the data set is never held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from django.db import connection
+from pydicom import uid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+
+from gateway import metrics, store
+from gateway.dimse.handlers import allowed
+from gateway.dimse.status import Status
+
+log = logging.getLogger("isthmus.dimse")
+
+# Accepted as proposed and kept as received, never transcoded (PS3.5 Section 10, Annex A).
+TRANSFER_SYNTAXES = [
+    *uid.UncompressedTransferSyntaxes,  # implicit/explicit little endian, deflated, big endian
+    *uid.JPEGTransferSyntaxes,
+    *uid.JPEGLSTransferSyntaxes,
+    *uid.JPEG2000TransferSyntaxes,
+    *uid.RLETransferSyntaxes,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    *uid.MPEGTransferSyntaxes,
+]
+
+
+def _temp_file(*args, **kwargs):
+    """pynetdicom's NamedTemporaryFile, in the store's temp folder (same filesystem as the root)."""
+    kwargs["dir"] = store.temp_dir()
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def add_contexts(ae: AE) -> None:
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _temp_file
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+
+
+def handle_store(event: evt.Event) -> int:
+    """C-STORE: refuse a node without store permission, else hand the received file to the store."""
+    if not allowed(event, "store"):
+        status = Status.REFUSED_NOT_AUTHORIZED  # PS3.7 C.5.4; pynetdicom removes its temp file
+        metrics.STORE_FAILURES.labels(f"0x{status:04X}").inc()
+        log.warning("C-STORE refused: %s may not store", event.assoc.requestor.ae_title)
+    else:
+        _keep_usable_connection()
+        try:
+            result = store.save(
+                source=event.dataset_path,
+                calling_ae=event.assoc.requestor.ae_title,
+                called_ae=event.assoc.acceptor.ae_title,
+            )
+            status = result.status
+        except Exception:  # a bug must still answer, and not with pynetdicom's 0xC211
+            log.exception("C-STORE of %s failed", event.request.AffectedSOPInstanceUID)
+            status = Status.PROCESSING_FAILURE
+    metrics.DIMSE_REQUESTS.labels("store", f"0x{status:04X}").inc()
+    return status
+
+
+def _keep_usable_connection() -> None:
+    """Reuse the association's database connection from one C-STORE to the next, replacing it only if it broke.
+
+    handlers.handle_association_end closes it when the association ends. Not
+    close_old_connections(): with CONN_MAX_AGE 0 (the SQLite default) it closes
+    the connection on every request, and closing and reopening a WAL database
+    (a checkpoint, a new WAL) cost ~4 ms per instance (bench/store_bench.py).
+    """
+    if connection.connection is not None and not connection.is_usable():
+        connection.close()
+
+
+def discard_partial(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE (DUL thread): remove the file of a data set the connection cut short."""
+    message = getattr(event.assoc.dimse, "message", None)
+    _discard(getattr(message, "_data_set_file", None))
+
+
+def discard_queued(event: evt.Event) -> None:
+    """EVT_ABORTED (association thread): remove the files of received requests no handler will see."""
+    queue = event.assoc.dimse.msg_queue
+    while not queue.empty():
+        _context_id, primitive = queue.get_nowait()
+        _discard(getattr(primitive, "_dataset_file", None))
+
+
+def _discard(temp_file) -> None:
+    if temp_file is None:
+        return
+    try:
+        temp_file.close()
+        os.unlink(temp_file.name)
+    except OSError:
+        pass
+
+
+HANDLERS = [
+    (evt.EVT_C_STORE, handle_store),
+    (evt.EVT_CONN_CLOSE, discard_partial),
+    (evt.EVT_ABORTED, discard_queued),
+]

@@ -1,0 +1,394 @@
+"""The instance store: the one write path every received instance takes (C-STORE now, STOW-RS later).
+
+Success is answered only once the file is durable and indexed:
+temp file, fsync -> lock or insert the index row -> rename into
+<root>/<study>/<series>/<sop>.dcm, fsync the directory -> commit. A crash at
+any step leaves a temp file (swept at start-up) or a complete file no row
+points at (overwritten by the resend), never a row without its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+from pynetdicom.dsutils import split_dataset
+
+from gateway import indexing, metrics, tempdirs
+from gateway.dimse.status import Status
+from gateway.models import Instance
+from gateway.part10 import Header, Unreadable, read_header
+
+log = logging.getLogger("isthmus.store")
+
+CHUNK = 1 << 20
+# PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros in a
+# component are invalid but sent by some devices; they are harmless in a path.
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+# SQLite has one writer at a time. Threads of this process (one per association) queue for it
+# here, handed over at once, instead of in SQLite's busy handler, which retries after sleeps of
+# up to 100 ms: with 4 associations that wait was 40% of a C-STORE (bench/store_bench.py).
+# Other processes still meet the busy handler.
+_SQLITE_WRITER = threading.Lock()
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What save() did: a DICOM status (STOW-RS uses the same codes as failure reasons) and the outcome."""
+
+    status: int
+    outcome: str  # stored, duplicate, kept-first, replaced, rejected or failed
+    sop_instance_uid: str = ""
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+class Refused(Exception):
+    """A refusal with its status, raised before anything reaches the store or the index."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Received:
+    """One received file, checked and hashed, waiting in the temp dir."""
+
+    temp: Path
+    header: Header
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sha256: str
+    size: int
+    calling_ae: str
+    called_ae: str
+    origin: str
+
+
+def storage_root() -> Path:
+    root = Path(settings.STORAGE_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def temp_dir() -> Path:
+    """Where a receiver writes before save(): this process's folder on the root's filesystem."""
+    return tempdirs.process_dir(storage_root())
+
+
+def sweep_temp_files() -> int:
+    """Remove temp files of processes that died mid-write; returns how many went."""
+    removed = tempdirs.sweep(storage_root())
+    if removed:
+        log.info("swept %d orphaned temporary file(s) from %s", removed, storage_root() / tempdirs.TEMP_DIR)
+    return removed
+
+
+def valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and UID_RE.match(value) is not None
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str, suffix: str = "") -> str:
+    """<study>/<series>/<sop>[.suffix].dcm; only validated UIDs ever become path components."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not valid_uid(uid):
+            raise ValueError(f"not a UID: {uid[:70]!r}")
+    return f"{study_uid}/{series_uid}/{sop_uid}{suffix}.dcm"
+
+
+def instance_path(instance: Instance) -> Path:
+    """The file of an indexed instance (for WADO, C-MOVE, C-GET); never outside the root."""
+    return stored_file(instance.path)
+
+
+def stored_file(relative: str) -> Path:
+    """A path from the index (Instance.path) made absolute; never outside the root."""
+    root = storage_root().resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"index path {relative!r} is outside the storage root")
+    return path
+
+
+def save(*, source: Path | BinaryIO, calling_ae: str = "", called_ae: str = "", origin: str = "dimse") -> StoreResult:
+    """Store one Part 10 file and index it; success only once both are durable.
+
+    `source` is a file inside temp_dir() (consumed: moved into the store or
+    removed) or a readable stream (copied into temp_dir() first).
+    """
+    temp: Path | None = None
+    received: Received | None = None
+    try:
+        if isinstance(source, str | os.PathLike):
+            temp = _in_temp_area(Path(source))
+        _check_space()
+        if temp is None:
+            temp = _spool(source)
+        received = _receive(temp, calling_ae=calling_ae, called_ae=called_ae, origin=origin)
+        result = _index(received)
+    except Refused as refusal:
+        result = StoreResult(refusal.status, "failed", received.sop_uid if received else "", refusal.reason)
+    except DatabaseError as exc:  # before or during the transaction: nothing was committed
+        result = StoreResult(Status.INDEX_UNAVAILABLE, "failed", received.sop_uid if received else "", _why(exc))
+    except OSError as exc:  # ENOSPC, EIO...: whatever was placed is removed by _index
+        result = StoreResult(Status.OUT_OF_RESOURCES, "failed", received.sop_uid if received else "", _why(exc))
+    finally:
+        if temp is not None:
+            _unlink(temp)  # already renamed away when stored
+    _account(result, received, calling_ae)
+    return result
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or str(exc).splitlines()[0][:200]}"
+
+
+def _check_space() -> None:
+    free = shutil.disk_usage(storage_root()).free
+    if free < settings.MIN_FREE_BYTES:
+        raise Refused(Status.OUT_OF_RESOURCES, f"free space {free // 2**20} MB is below the watermark")
+
+
+def _in_temp_area(path: Path) -> Path:
+    """A caller's file must already be in the temp area, so that placing it is one atomic rename."""
+    path = path.resolve()
+    if not path.is_relative_to((storage_root() / tempdirs.TEMP_DIR).resolve()):
+        raise ValueError(f"{path} is not in the store's temp area; pass a stream instead")
+    return path
+
+
+def _spool(stream: BinaryIO) -> Path:
+    """Copy a stream into a temp file of ours, chunk by chunk (never the whole data set in memory)."""
+    with tempfile.NamedTemporaryFile(dir=temp_dir(), suffix=".dcm", delete=False) as spool:
+        try:
+            shutil.copyfileobj(stream, spool, CHUNK)
+        except BaseException:
+            spool.close()
+            _unlink(Path(spool.name))
+            raise
+    return Path(spool.name)
+
+
+def _receive(temp: Path, *, calling_ae: str, called_ae: str, origin: str) -> Received:
+    """Check the file (whole, parseable, consistent UIDs), hash it and make it durable."""
+    try:
+        header = read_header(temp, indexing.HEADER_TAGS)
+    except Unreadable as exc:
+        raise Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
+    dataset = header.dataset
+    uids = {keyword: indexing.text(dataset, keyword, 65) for keyword in indexing.KEYWORDS if keyword.endswith("UID")}
+    for keyword, value in uids.items():
+        if not valid_uid(value):  # PS3.5 9.1; also what keeps "../" out of paths
+            raise Refused(Status.CANNOT_UNDERSTAND, f"{keyword} is not a valid UID: {value[:70]!r}")
+    # What the C-STORE command (or the STOW part's meta) announced must be what the data set is.
+    if header.sop_class_uid and header.sop_class_uid != uids["SOPClassUID"]:
+        raise Refused(Status.DATASET_MISMATCH, "SOP Class UID differs from the request's")
+    if header.sop_instance_uid and header.sop_instance_uid != uids["SOPInstanceUID"]:
+        raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request's")
+    sha256, size = _digest_and_sync(temp)
+    return Received(
+        temp=temp,
+        header=header,
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sha256=sha256,
+        size=size,
+        calling_ae=calling_ae.strip()[:16],
+        called_ae=called_ae.strip()[:16],
+        origin=origin,
+    )
+
+
+def _digest_and_sync(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(stream.fileno())
+    return digest.hexdigest(), size
+
+
+def _index(received: Received) -> StoreResult:
+    """One transaction: lock or insert the row, place the file, commit. Placed files go if it fails."""
+    placed: list[Path] = []
+    try:
+        with _SQLITE_WRITER if connection.vendor == "sqlite" else nullcontext(), transaction.atomic():
+            return _commit(received, placed, timezone.now())
+    except BaseException:
+        for path in placed:
+            _unlink(path)
+        raise
+
+
+def _commit(received: Received, placed: list[Path], now) -> StoreResult:
+    for _attempt in range(2):
+        existing = indexing.lock_instance(received.sop_uid)
+        if existing is not None:
+            return _duplicate(received, existing, placed, now)
+        relative = relative_path(received.study_uid, received.series_uid, received.sop_uid)
+        instance = indexing.create_instance(
+            received.header.dataset,
+            series=_series(received, now),
+            sop_instance_uid=received.sop_uid,
+            **_file_fields(received, relative, now),
+        )
+        if instance is not None:
+            _place(received.temp, relative, placed)
+            return StoreResult(Status.SUCCESS, "stored", received.sop_uid)
+        # Lost a race with a concurrent association storing the same UID: now it is a duplicate.
+    raise Refused(Status.PROCESSING_FAILURE, "the instance row could neither be inserted nor found")
+
+
+def _duplicate(received: Received, existing: Instance, placed: list[Path], now) -> StoreResult:
+    """Same SOP Instance UID again: identical bytes change nothing; different ones follow the policy."""
+    stored = instance_path(existing)
+    missing = not stored.is_file()
+    if not missing and (existing.sha256 == received.sha256 or _same_dataset(stored, received)):
+        return StoreResult(Status.SUCCESS, "duplicate", received.sop_uid)
+    policy = "replace" if missing else settings.DUPLICATE_POLICY  # a lost file is repaired, whatever the policy
+    detail = (
+        f"policy {policy}{' (stored file missing)' if missing else ''}; "
+        f"stored sha256 {existing.sha256} {existing.transfer_syntax_uid}; "
+        f"received sha256 {received.sha256} {received.header.transfer_syntax_uid}; "
+        f"study {received.study_uid} series {received.series_uid}"
+    )
+    action = {"keep-first": "kept-first", "reject": "rejected", "replace": "replaced"}[policy]
+    indexing.record_duplicate(
+        action=f"store.duplicate.{action}",
+        actor=received.calling_ae,
+        sop_instance_uid=received.sop_uid,
+        detail=detail,
+        at=now,
+    )
+    if policy == "keep-first":
+        return StoreResult(Status.SUCCESS, action, received.sop_uid, "duplicate with different content, kept the first")
+    if policy == "reject":
+        return StoreResult(Status.DUPLICATE_SOP_INSTANCE, action, received.sop_uid, "duplicate with different content")
+    # A new name beside the old file: until the commit, the row still points at intact bytes.
+    relative = relative_path(received.study_uid, received.series_uid, received.sop_uid)
+    if relative == existing.path and not missing:
+        relative = relative_path(received.study_uid, received.series_uid, received.sop_uid, f".{received.sha256[:16]}")
+    indexing.replace_instance(
+        existing, received.header.dataset, series=_series(received, now), **_file_fields(received, relative, now)
+    )
+    _place(received.temp, relative, placed)
+    if not missing:
+        transaction.on_commit(lambda: _unlink(stored))
+    return StoreResult(Status.SUCCESS, action, received.sop_uid, "duplicate with different content, replaced")
+
+
+def _series(received: Received, now):
+    return indexing.series_for(
+        received.header.dataset,
+        study_uid=received.study_uid,
+        series_uid=received.series_uid,
+        calling_ae=received.calling_ae,
+        received_at=now,
+    )
+
+
+def _file_fields(received: Received, relative: str, now) -> dict:
+    return {
+        "path": relative,
+        "size": received.size,
+        "sha256": received.sha256,
+        "transfer_syntax_uid": received.header.transfer_syntax_uid,
+        "calling_ae": received.calling_ae,
+        "called_ae": received.called_ae,
+        "source": received.origin,
+        "received_at": now,
+    }
+
+
+def _same_dataset(stored: Path, received: Received) -> bool:
+    """Byte-compare the data sets, ignoring the file meta (which another receiver may write differently)."""
+    _meta, stored_offset = split_dataset(stored)
+    if stored.stat().st_size - stored_offset != received.size - received.header.dataset_offset:
+        return False
+    with open(stored, "rb") as old, open(received.temp, "rb") as new:
+        old.seek(stored_offset)
+        new.seek(received.header.dataset_offset)
+        while True:
+            old_chunk, new_chunk = old.read(CHUNK), new.read(CHUNK)
+            if old_chunk != new_chunk:
+                return False
+            if not old_chunk:
+                return True
+
+
+def _place(temp: Path, relative: str, placed: list[Path]) -> None:
+    """Rename the durable temp file into place and make the rename itself durable."""
+    final = storage_root() / relative
+    _make_dirs(final.parent)
+    os.rename(temp, final)  # atomic: the temp dir is on the root's filesystem
+    placed.append(final)
+    _fsync_dir(final.parent)
+
+
+def _make_dirs(directory: Path) -> None:
+    """mkdir -p, fsyncing each parent that gained an entry, so the new directories survive a crash."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir()
+        except FileExistsError:
+            continue  # a concurrent association made it
+        _fsync_dir(created.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror)
+
+
+def _account(result: StoreResult, received: Received | None, calling_ae: str) -> None:
+    """One metric and one log line per instance; UIDs and AE titles only, never patient data."""
+    if result.outcome in ("stored", "replaced") and received is not None:
+        metrics.STORED_BYTES.inc(received.size)
+    if result.ok:
+        metrics.STORED_INSTANCES.labels(result.outcome).inc()
+        level = logging.DEBUG if result.outcome in ("stored", "duplicate") else logging.INFO
+        log.log(level, "%s %s from %s (%s)", result.outcome, result.sop_instance_uid, calling_ae, result.reason or "ok")
+        return
+    metrics.STORE_FAILURES.labels(f"0x{result.status:04X}").inc()
+    log.warning(
+        "refused %s from %s: 0x%04X %s",
+        result.sop_instance_uid or "an instance",
+        calling_ae,
+        result.status,
+        result.reason,
+    )
