@@ -224,8 +224,9 @@ class SeriesInline(admin.TabularInline):
 
 @admin.register(Study)
 class StudyAdmin(ReadOnlyAdmin):
-    list_display = ("study_instance_uid", "patient_display", "patient_id", "study_date", "accession_number",
-                    "modalities", "calling_ae", "instance_count", "study_size", "received_at")  # fmt: skip
+    list_display = ("patient_display", "patient_id", "study_date", "modalities", "accession_number",
+                    "calling_ae", "instance_count", "study_size", "received_at", "study_instance_uid")  # fmt: skip
+    list_display_links = ("patient_display",)
     list_filter = (StudyDateFilter, ModalityFilter, "calling_ae", ("received_at", admin.DateFieldListFilter))
     search_fields = ("=accession_number", "=patient__patient_id", "=study_instance_uid")
     list_select_related = ("patient",)
