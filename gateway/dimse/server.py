@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import connection
-from django.utils import timezone
 from pynetdicom import AE, evt
 
-from gateway import services, store
+from gateway import store
 from gateway.dimse.handlers import HANDLERS
+from gateway.heartbeat import HeartbeatThread
 
 log = logging.getLogger("isthmus.dimse")
 
@@ -78,9 +76,7 @@ class Listener:
         self.host, self.port = host, port
         self.ae = build_ae()
         self.server = None
-        self.started_at = timezone.now()
-        self._stopping = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat_forever, name="dimse-heartbeat", daemon=True)
+        self.heartbeat = HeartbeatThread("dimse")
 
     @property
     def address(self) -> str:
@@ -90,21 +86,8 @@ class Listener:
         store.sweep_temp_files()  # temp files of a listener that died mid-transfer
         self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
         self.port = self.server.server_address[1]
-        self._beat()
-        self._heartbeat.start()
+        self.heartbeat.start(self.address)
         log.info("DIMSE listener %s ready", self.address)
-
-    def _beat(self) -> None:
-        try:
-            services.beat(kind="dimse", address=self.address, started_at=self.started_at)
-        except Exception as exc:  # the database may be down; keep serving and say so
-            log.warning("heartbeat not recorded: %s", exc)
-        finally:
-            connection.close()
-
-    def _beat_forever(self) -> None:
-        while not self._stopping.wait(settings.HEARTBEAT_INTERVAL):
-            self._beat()
 
     def active(self) -> list:
         """Established associations we accepted: the work SIGTERM must let finish."""
@@ -112,7 +95,6 @@ class Listener:
 
     def stop(self, grace: float) -> None:
         """Stop accepting, wait up to `grace` seconds for open associations, abort the rest."""
-        self._stopping.set()
         if self.server is not None:
             self.server.shutdown()
         deadline = time.monotonic() + grace
@@ -121,10 +103,5 @@ class Listener:
         for association in self.active():
             log.warning("aborting association with %s at shutdown", association.requestor.ae_title)
             association.abort()
-        try:
-            services.stop_beating(kind="dimse")
-        except Exception as exc:
-            log.warning("heartbeat not removed: %s", exc)
-        finally:
-            connection.close()
+        self.heartbeat.stop()
         log.info("DIMSE listener stopped")
