@@ -50,6 +50,10 @@ DIMSE_TIMEOUT = env.float("ISTHMUS_DIMSE_TIMEOUT", 10.0, low=0.1)
 # Seconds an association may stay silent before the listener aborts it.
 DIMSE_IDLE_TIMEOUT = env.float("ISTHMUS_DIMSE_IDLE_TIMEOUT", 60.0, low=1.0)
 DIMSE_MAX_ASSOCIATIONS = env.int("ISTHMUS_DIMSE_MAX_ASSOCIATIONS", 50, 1, 1000)
+# Listener processes sharing the DIMSE port (SO_REUSEPORT): one per core, since one
+# Python process receives on one core. Largest PDU we accept: fewer, bigger chunks.
+DIMSE_PROCESSES = env.int("ISTHMUS_DIMSE_PROCESSES", min(os.cpu_count() or 1, 8), 1, 64)
+DIMSE_MAX_PDU = env.int("ISTHMUS_DIMSE_MAX_PDU", 131072, 0, 16_777_216)
 # Seconds SIGTERM waits for in-flight associations before closing them.
 DIMSE_SHUTDOWN_GRACE = env.float("ISTHMUS_DIMSE_SHUTDOWN_GRACE", 30.0)
 HEARTBEAT_INTERVAL = env.float("ISTHMUS_HEARTBEAT_INTERVAL", 10.0, low=0.5)
@@ -147,19 +151,20 @@ TEMPLATES = [
 
 def _database() -> dict:
     url = os.environ.get("DATABASE_URL", "").strip()
+    # Several processes share an SQLite file: WAL lets readers run beside the
+    # writer, IMMEDIATE takes the write lock up front.
+    sqlite_options = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
     if not url:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(DATA_DIR / "isthmus.sqlite3"),
-            # Several processes share the file: WAL lets readers run beside
-            # the writer, IMMEDIATE takes the write lock up front.
             # Tests share their database with the processes they start: keep it a file.
             "TEST": {"NAME": str(DATA_DIR / "test-isthmus.sqlite3")},
-            "OPTIONS": {
-                "timeout": 30,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
+            "OPTIONS": sqlite_options,
         }
     expected = "postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///PATH"
     try:
@@ -169,6 +174,8 @@ def _database() -> dict:
     if not config.get("ENGINE", "").endswith(("postgresql", "sqlite3")):
         env.fail("DATABASE_URL", url, expected)
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    if config["ENGINE"].endswith("sqlite3"):
+        config["OPTIONS"] = {**sqlite_options, **config.get("OPTIONS", {})}
     if config.get("ENGINE", "").endswith("postgresql"):
         config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
     return config

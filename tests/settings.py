@@ -9,5 +9,7 @@ import tempfile
 
 os.environ.setdefault("ISTHMUS_DATA_DIR", tempfile.mkdtemp(prefix="isthmus-test-"))
 os.environ.setdefault("TCP_NODELAY", "1")
+# One listener process unless a test asks for more (tests/gateway/test_dimse_command.py does).
+os.environ.setdefault("ISTHMUS_DIMSE_PROCESSES", "1")
 
 from gateway.settings import *  # noqa: E402,F403

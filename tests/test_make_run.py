@@ -32,9 +32,8 @@ def processes_with(marker: str) -> list[int]:
 def test_make_run_serves_echo_and_healthz_then_stops_cleanly(tmp_path):
     data_dir = str(tmp_path / "isthmus-data")
     dimse_port, http_port, hl7_port = free_port(), free_port(), free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "CELERY_", "PROMETHEUS_", "DJANGO_"))
-    }
+    prefixes = ("DATABASE_URL", "CELERY_", "PROMETHEUS_", "DJANGO_", "ISTHMUS_")  # a new user's defaults
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(ISTHMUS_DATA_DIR=data_dir, ISTHMUS_DIMSE_PORT=str(dimse_port), ISTHMUS_HTTP_PORT=str(http_port), ISTHMUS_HL7_PORT=str(hl7_port),
                ISTHMUS_HTTP_HOST="127.0.0.1", ISTHMUS_DIMSE_HOST="127.0.0.1", ISTHMUS_HL7_HOST="127.0.0.1", ISTHMUS_MIN_FREE_MB="1")  # fmt: skip
     log = open(tmp_path / "run.log", "w+")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from django.conf import settings
 from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import store
 from gateway.dimse.handlers import HANDLERS
@@ -61,6 +64,7 @@ def build_ae() -> AE:
     for module in service_modules():
         module.add_contexts(ae)
     ae.maximum_associations = settings.DIMSE_MAX_ASSOCIATIONS
+    ae.maximum_pdu_size = settings.DIMSE_MAX_PDU
     ae.network_timeout = settings.DIMSE_IDLE_TIMEOUT
     ae.acse_timeout = settings.DIMSE_TIMEOUT
     ae.dimse_timeout = settings.DIMSE_TIMEOUT
@@ -69,11 +73,19 @@ def build_ae() -> AE:
     return ae
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """Lets several listener processes accept on one port; the kernel spreads connections."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Listener:
     """Serves associations on a port until stop(); stop() lets in-flight ones finish."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, reuse_port: bool = False) -> None:
+        self.host, self.port, self.reuse_port = host, port, reuse_port
         self.ae = build_ae()
         self.server = None
         self.heartbeat = HeartbeatThread("dimse")
@@ -84,10 +96,20 @@ class Listener:
 
     def start(self) -> None:
         store.sweep_temp_files()  # temp files of a listener that died mid-transfer
-        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
+        if self.reuse_port:
+            self.server = self._start_reuse_port_server()
+        else:
+            self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
         self.port = self.server.server_address[1]
         self.heartbeat.start(self.address)
         log.info("DIMSE listener %s ready", self.address)
+
+    def _start_reuse_port_server(self) -> ThreadedAssociationServer:
+        """AE.start_server(block=False) with our server class (pynetdicom offers no parameter for it)."""
+        server = self.ae.make_server((self.host, self.port), evt_handlers=all_handlers(), server_class=ReusePortServer)
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        self.ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+        return server
 
     def active(self) -> list:
         """Established associations we accepted: the work SIGTERM must let finish."""

@@ -24,7 +24,7 @@ PR_SET_PDEATHSIG = 1
 STOP_GRACE = 40.0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM if the supervisor dies, even by kill -9 (Linux)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -71,7 +71,7 @@ class Command(BaseCommand):
 
         children: dict[str, subprocess.Popen] = {}
         for name, command in process_commands().items():
-            children[name] = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+            children[name] = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
             self.stdout.write(f"started {name} (pid {children[name].pid})")
         self.stdout.write(
             f"Isthmus {settings.AE_TITLE}: DIMSE on port {settings.DIMSE_PORT}, HL7 on port {settings.HL7_PORT}, "
