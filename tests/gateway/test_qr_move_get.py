@@ -188,21 +188,16 @@ def test_move_without_permission_is_refused_before_any_sub_association(archive, 
     assert list(destination["out"].iterdir()) == []
 
 
+def get_study(archive, out) -> str:
+    """getscu the whole test study into `out`; returns getscu's log."""
+    keys = ("-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={STUDY}")
+    return run("getscu", archive["port"], "-S", "+B", "-od", str(out), *keys)
+
+
 def test_get_study_on_the_same_association(archive, tmp_path):
     out = tmp_path / "got"
     out.mkdir()
-    log = run(
-        "getscu",
-        archive["port"],
-        "-S",
-        "+B",
-        "-od",
-        str(out),
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = get_study(archive, out)
     assert statuses(log)[-1] == 0x0000, log
     assert counts(log, "Completed")[-1] == 3
     assert_identical(archive, received(out))
@@ -229,17 +224,6 @@ def test_get_without_permission_is_refused(archive, modality, tmp_path):
     Node.objects.filter(pk=modality.pk).update(allow_query_retrieve=False)
     out = tmp_path / "got"
     out.mkdir()
-    log = run(
-        "getscu",
-        archive["port"],
-        "-S",
-        "+B",
-        "-od",
-        str(out),
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = get_study(archive, out)
     assert statuses(log) == [0x0124]
     assert list(out.iterdir()) == []
