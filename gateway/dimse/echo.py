@@ -44,12 +44,20 @@ class _ConnectErrors(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
-        self.by_thread: dict[int, str] = {}
+        # thread ident -> (when, error); idents are reused, so callers check `when`.
+        self.by_thread: dict[int, tuple[float, str]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("TCP Initialisation Error:"):
-            self.by_thread[record.thread] = message.split(":", 1)[1].strip()
+            if len(self.by_thread) > 1000:  # other SCUs' failures nobody asks about
+                self.by_thread.clear()
+            self.by_thread[record.thread] = (record.created, message.split(":", 1)[1].strip())
+
+    def pop(self, thread_ident: int | None, since: float) -> str | None:
+        """The connect error logged by this thread since `since` (wall clock), if any."""
+        when, error = self.by_thread.pop(thread_ident, (0.0, None)) if thread_ident else (0.0, None)
+        return error if when >= since else None
 
 
 _connect_errors = _ConnectErrors()
@@ -76,7 +84,7 @@ def echo(
     ae = AE(ae_title=calling_ae or settings.AE_TITLE)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     try:
         assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     except (OSError, ValueError) as exc:
@@ -84,7 +92,7 @@ def echo(
     if not assoc.is_established:
         elapsed = time.perf_counter() - started
         with _lock:
-            error = _connect_errors.by_thread.pop(assoc.dul.ident, None) if assoc.dul.ident else None
+            error = _connect_errors.pop(assoc.dul.ident, since=started_wall)
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
             reason = REJECT_REASONS.get((rj.result_source, rj.diagnostic), f"diagnostic {rj.diagnostic}")
