@@ -1,24 +1,31 @@
-"""MWL C-FIND latency: Isthmus (database matching) against dcmtk wlmscpfs (the same worklist as .wl files).
+"""MWL C-FIND latency: Isthmus (database matching) against dcmtk wlmscpfs and Orthanc's worklist plugin.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/isthmus_mwl_bench \\
-        .venv/bin/python bench/mwl_bench.py --steps 10000 --queries 200
+        .venv/bin/python bench/mwl_bench.py --steps 10000 --queries 210
 
 Prints a table: median and p95 of one C-FIND (request to final response, on
-an open association, pynetdicom SCU for both) for three typical queries.
+an open association, pynetdicom SCU for all three) for three typical queries.
+wlmscpfs and Orthanc (/usr/sbin/Orthanc with libModalityWorklists) serve the
+same worklist from one folder of .wl files; each must give the same number of
+answers as Isthmus for every query, or the run exits non-zero.
 The database named by DATABASE_URL is emptied of worklist rows and refilled.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +52,9 @@ STATIONS = [f"STATION{n:02d}" for n in range(20)]
 MODALITIES = ["CT", "MR", "US", "CR"]
 DAYS = [f"202403{day:02d}" for day in range(1, 31)]
 BATCH = 5000
+WLMSCPFS = "/usr/bin/wlmscpfs"
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_WORKLISTS = "/usr/share/orthanc/plugins/libModalityWorklists.so"
 
 
 def step_values(number: int) -> dict:
@@ -140,41 +150,123 @@ def queries(count: int, steps: int) -> list[tuple[str, Dataset]]:
     return made
 
 
-def measure(port: int, called: str, workload: list[tuple[str, Dataset]]) -> dict[str, list[float]]:
+def measure(port: int, called: str, workload: list[tuple[str, Dataset]]) -> list[tuple[str, float, int]]:
+    """(query kind, milliseconds, answers) for each query, in workload order."""
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(ModalityWorklistInformationFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     # Without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to every exchange.
     assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     assert assoc.is_established, f"no association with {called}"
-    timings: dict[str, list[float]] = {}
-    answers: dict[str, int] = {}
+    results = []
     try:
         for kind, query in workload:
             started = time.perf_counter()
             found = sum(1 for status, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)
                         if status and status.Status in (0xFF00, 0xFF01))  # fmt: skip
-            timings.setdefault(kind, []).append((time.perf_counter() - started) * 1000)
-            answers[kind] = answers.get(kind, 0) + found
+            results.append((kind, (time.perf_counter() - started) * 1000, found))
     finally:
         assoc.release()
-    return {kind: (values, answers[kind] / len(values)) for kind, values in timings.items()}
+    return results
 
 
-def report(name: str, steps: int, results: dict) -> None:
-    for kind, (values, mean_answers) in results.items():
-        values = sorted(values)
+def report(name: str, steps: int, results: list[tuple[str, float, int]]) -> None:
+    for kind in dict.fromkeys(kind for kind, _, _ in results):
+        values = sorted(ms for each, ms, _ in results if each == kind)
+        answers = [found for each, _, found in results if each == kind]
         p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
-        print(f"| {name} | {steps:,} | {kind} | {len(values)} | {mean_answers:.1f} | "
-              f"{statistics.median(values):.1f} | {p95:.1f} |")  # fmt: skip
+        print(f"| {name} | {steps:,} | {kind} | {len(values)} | {statistics.mean(answers):.1f} | "
+              f"{statistics.median(values):.1f} | {p95:.1f} |", flush=True)  # fmt: skip
+
+
+def differences(name: str, results: list[tuple[str, float, int]], reference: list[tuple[str, float, int]]) -> int:
+    """Queries where a server's answer count differs from Isthmus's (same workload order)."""
+    pairs = zip(results, reference[: len(results)], strict=True)
+    differ = [(index, ours[2], theirs[2]) for index, (theirs, ours) in enumerate(pairs) if theirs[2] != ours[2]]
+    for index, ref, res in differ[:5]:
+        print(f"{name}: query {index} gave {res} answers, Isthmus {ref}", file=sys.stderr)
+    return len(differ)
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+@contextmanager
+def running(command: list[str], log: Path, ports: list[int]) -> Iterator[None]:
+    """A reference server, with TCP_NODELAY like our sockets, until the block ends."""
+    with open(log, "ab") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=output, cwd=log.parent,
+                                   env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
+        try:
+            for port in ports:
+                wait_for_port(port, process)
+            yield
+        except Exception:
+            print(f"{command[0]} log ends:\n" + log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wlmscpfs(work: Path) -> tuple[list[str], int, list[int]]:
+    """dcmtk wlmscpfs serving work/WLMSCP, re-reading the files for every query (-dfr)."""
+    port = free_port()
+    return [WLMSCPFS, "-dfr", "-dfp", str(work), str(port)], port, [port]
+
+
+def orthanc(work: Path) -> tuple[list[str], int, list[int]]:
+    """Orthanc with its ModalityWorklists plugin serving the same folder of .wl files."""
+    port, http = free_port(), free_port()
+    config = {
+        "Name": "mwl-bench",
+        "StorageDirectory": str(work / "orthanc-storage"),
+        "IndexDirectory": str(work / "orthanc-storage"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": http,
+        "DicomCheckCalledAet": False,
+        # Orthanc 1.10.1 rejects a worklist C-FIND from an AE not in DicomModalities, even with
+        # DicomAlwaysAllowFind ("Rejected FindWorklist request"): register the bench's calling AE.
+        "DicomModalities": {"bench": {"AET": "BENCH", "Host": "127.0.0.1", "Port": 104, "AllowFindWorklist": True}},
+        "DicomAlwaysAllowEcho": True,
+        "DicomScpTimeout": 120,
+        "RemoteAccessAllowed": True,
+        "AuthenticationEnabled": False,
+        "Plugins": [ORTHANC_WORKLISTS],
+        "Worklists": {"Enable": True, "Database": str(work / "WLMSCP")},
+    }
+    (work / "orthanc.json").write_text(json.dumps(config, indent=2))
+    return [ORTHANC, str(work / "orthanc.json")], port, [http, port]
+
+
+def compare(name: str, server: Callable, called: str, work: Path, workload: list, reference: list, steps: int) -> int:
+    """Time a reference server on the first queries of the workload; the count of answer mismatches."""
+    command, port, ports = server(work)
+    with running(command, work / f"{called.lower()}.log", ports):
+        results = measure(port, called, workload)
+    report(name, steps, results)
+    return differences(name, results, reference)
 
 
 def main() -> None:
@@ -182,7 +274,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=210)
     parser.add_argument("--wlmscpfs-queries", type=int, default=None, help="fewer queries for wlmscpfs (slow)")
+    parser.add_argument("--orthanc-queries", type=int, default=None, help="fewer queries for Orthanc (slow)")
     parser.add_argument("--skip-wlmscpfs", action="store_true")
+    parser.add_argument("--skip-orthanc", action="store_true")
     args = parser.parse_args()
     from django.conf import settings
 
@@ -198,26 +292,25 @@ def main() -> None:
     listener = Listener("127.0.0.1", 0)
     listener.start()
     try:
-        report("Isthmus " + settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1], args.steps,
-               measure(listener.port, settings.AE_TITLE, workload))  # fmt: skip
+        reference = measure(listener.port, settings.AE_TITLE, workload)
     finally:
         listener.stop(grace=5)
-    if args.skip_wlmscpfs:
+    report("Isthmus " + settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1], args.steps, reference)
+    others = [("dcmtk wlmscpfs", wlmscpfs, "WLMSCP", args.wlmscpfs_queries, args.skip_wlmscpfs),
+              ("Orthanc worklists", orthanc, "ORTHANC", args.orthanc_queries, args.skip_orthanc)]  # fmt: skip
+    if all(skip for *_, skip in others):
         return
-    folder = Path(tempfile.mkdtemp(prefix="wlm-"))
+    work = Path(tempfile.mkdtemp(prefix="wlm-"))
+    mismatches = 0
     try:
-        write_wl_files(args.steps, folder / "WLMSCP")
-        port = free_port()
-        process = subprocess.Popen(["/usr/bin/wlmscpfs", "-dfr", "-dfp", str(folder), str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
-        time.sleep(1)
-        try:
-            report("dcmtk wlmscpfs", args.steps, measure(port, "WLMSCP", workload[: args.wlmscpfs_queries]))
-        finally:
-            process.terminate()
-            process.wait(10)
+        write_wl_files(args.steps, work / "WLMSCP")
+        for name, server, called, count, skip in others:
+            if not skip:
+                mismatches += compare(name, server, called, work, workload[:count], reference, args.steps)
     finally:
-        shutil.rmtree(folder)
+        shutil.rmtree(work)
+    if mismatches:
+        sys.exit(f"{mismatches} queries answered differently from Isthmus")
 
 
 if __name__ == "__main__":
