@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import django  # noqa: E402
 django.setup()
 
 from django.core.management import call_command  # noqa: E402
+from ports import free_port, wait_for_port  # noqa: E402  (bench/ is sys.path[0])
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
@@ -186,25 +186,6 @@ def differences(name: str, results: list[tuple[str, float, int]], reference: lis
     for index, ref, res in differ[:5]:
         print(f"{name}: query {index} gave {res} answers, Isthmus {ref}", file=sys.stderr)
     return len(differ)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 @contextmanager
