@@ -394,7 +394,10 @@ def test_a_node_not_allowed_out_fails_at_once_and_retry_now_redrives_it(requeste
     assert report_listener.reports.get(timeout=5).event_type == 2
 
 
-@pytest.mark.skipif("not connection.features.has_select_for_update_skip_locked")
+@pytest.mark.skipif(
+    "not connection.features.has_select_for_update_skip_locked",
+    reason="SKIP LOCKED is PostgreSQL's (CI runs it there); SQLite has one writer and no row locks",
+)
 def test_claim_skips_rows_another_sweeper_holds(requester, transactional_db):
     import threading
 

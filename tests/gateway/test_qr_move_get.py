@@ -73,18 +73,14 @@ def assert_identical(archive: dict, files: dict[str, bytes]) -> None:
         assert data == dataset_bytes(archive["paths"][sop_instance_uid]), sop_instance_uid
 
 
+def move_study(archive, destination_ae: str) -> str:
+    """movescu the whole test study (Study Root) to `destination_ae`; returns movescu's log."""
+    keys = ("-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={STUDY}")
+    return run("movescu", archive["port"], "-S", "-aem", destination_ae, *keys)
+
+
 def test_move_study_to_registered_storescp(archive, destination):
-    log = run(
-        "movescu",
-        archive["port"],
-        "-S",
-        "-aem",
-        "ARCHIVE2",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = move_study(archive, "ARCHIVE2")
     assert statuses(log)[-1] == 0x0000, log
     assert set(statuses(log)[:-1]) == {0xFF00}
     assert counts(log, "Remaining")[:3] == [2, 1, 0]
@@ -102,51 +98,21 @@ def test_move_series_in_patient_root(archive, destination):
 
 
 def test_move_to_unknown_destination_is_refused(archive, destination):
-    log = run(
-        "movescu",
-        archive["port"],
-        "-S",
-        "-aem",
-        "NOBODY",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = move_study(archive, "NOBODY")
     assert statuses(log) == [0xA801]
     assert list(destination["out"].iterdir()) == []
 
 
 def test_move_to_node_not_allowed_out_is_refused(archive, destination):
     Node.objects.filter(pk=destination["node"].pk).update(allowed_out=False)
-    log = run(
-        "movescu",
-        archive["port"],
-        "-S",
-        "-aem",
-        "ARCHIVE2",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = move_study(archive, "ARCHIVE2")
     assert statuses(log) == [0xA801]
 
 
 def test_move_reports_failed_instances(archive, destination):
     lost = archive["instances"][1]
     archive["paths"][lost.sop_instance_uid].unlink()  # the index still names it
-    log = run(
-        "movescu",
-        archive["port"],
-        "-S",
-        "-aem",
-        "ARCHIVE2",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = move_study(archive, "ARCHIVE2")
     assert statuses(log)[-1] == 0xB000, log
     assert counts(log, "Completed")[-1] == 2 and counts(log, "Failed")[-1] == 1
     assert re.search(rf"\[{re.escape(lost.sop_instance_uid)}\].*FailedSOPInstanceUIDList", log)
@@ -173,17 +139,7 @@ def test_move_needs_the_unique_key(archive, destination):
 
 def test_move_without_permission_is_refused_before_any_sub_association(archive, destination, modality):
     Node.objects.filter(pk=modality.pk).update(allow_query_retrieve=False)
-    log = run(
-        "movescu",
-        archive["port"],
-        "-S",
-        "-aem",
-        "ARCHIVE2",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={STUDY}",
-    )
+    log = move_study(archive, "ARCHIVE2")
     assert statuses(log) == [0x0124]
     assert list(destination["out"].iterdir()) == []
 
