@@ -1,0 +1,57 @@
+"""API tokens for DICOMweb and the REST API: only a hash is stored, the token is shown once."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from django.db import models
+from django.utils import timezone
+
+PREFIX = "isth_"
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A bearer token with read and/or write scope, an optional expiry, and when it was last used."""
+
+    name = models.CharField(max_length=64, unique=True, help_text="Who or what uses it: a viewer, a script...")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=16, editable=False, help_text="The first characters, to recognise it.")
+    can_read = models.BooleanField("read scope", default=True, help_text="QIDO-RS and WADO-RS.")
+    can_write = models.BooleanField("write scope", default=False, help_text="STOW-RS.")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked = models.BooleanField(default=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def issue(
+        cls, name: str, *, read: bool = True, write: bool = False, expires_at: datetime | None = None
+    ) -> tuple[ApiToken, str]:
+        """Create a token; returns the row and the raw token, which is never stored and cannot be shown again."""
+        raw = PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(
+            name=name,
+            key_hash=hash_token(raw),
+            prefix=raw[: len(PREFIX) + 6],
+            can_read=read,
+            can_write=write,
+            expires_at=expires_at,
+        )
+        return token, raw
+
+    def usable(self, now: datetime | None = None) -> bool:
+        now = now or timezone.now()
+        return not self.revoked and (self.expires_at is None or self.expires_at > now)
