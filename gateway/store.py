@@ -30,6 +30,7 @@ from gateway import indexing, metrics, tempdirs
 from gateway.dimse.status import Status
 from gateway.models import Instance
 from gateway.part10 import Header, Unreadable, read_header
+from routing import outbox
 
 log = logging.getLogger("isthmus.store")
 
@@ -189,7 +190,7 @@ def _spool(stream: BinaryIO) -> Path:
 def _receive(temp: Path, *, calling_ae: str, called_ae: str, origin: str) -> Received:
     """Check the file (whole, parseable, consistent UIDs), hash it and make it durable."""
     try:
-        header = read_header(temp, indexing.HEADER_TAGS)
+        header = read_header(temp, indexing.HEADER_TAGS + outbox.tags())
     except Unreadable as exc:
         raise Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
     dataset = header.dataset
@@ -252,6 +253,7 @@ def _commit(received: Received, placed: list[Path], now) -> StoreResult:
             **_file_fields(received, relative, now),
         )
         if instance is not None:
+            outbox.write_jobs(instance, received)
             _place(received.temp, relative, placed)
             return StoreResult(Status.SUCCESS, "stored", received.sop_uid)
         # Lost a race with a concurrent association storing the same UID: now it is a duplicate.
@@ -290,6 +292,7 @@ def _duplicate(received: Received, existing: Instance, placed: list[Path], now) 
     indexing.replace_instance(
         existing, received.header.dataset, series=_series(received, now), **_file_fields(received, relative, now)
     )
+    outbox.write_jobs(existing, received)  # the new bytes are owed to the destinations too
     _place(received.temp, relative, placed)
     if not missing:
         transaction.on_commit(lambda: _unlink(stored))
