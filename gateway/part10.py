@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dsutils import split_dataset
 
@@ -50,8 +52,12 @@ def read_header(path: Path, tags: Iterable[int]) -> Header:
         transfer_syntax = UID(str(file_meta.get("TransferSyntaxUID", "")).strip("\0 "))
         if not transfer_syntax or not transfer_syntax.is_transfer_syntax:
             raise Unreadable("no usable transfer syntax in the file meta information")
-        check_complete(path, offset, transfer_syntax)
-        dataset = dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
+        wanted = frozenset(tags)
+        found = check_complete(path, offset, transfer_syntax, wanted)
+        if found is None:  # deflated, or a wanted element of undefined length: let pydicom read them
+            dataset = dcmread(path, stop_before_pixels=True, specific_tags=list(wanted))
+        else:
+            dataset = _dataset(path, found, transfer_syntax)
     except Unreadable:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error, zlib.error) as exc:
@@ -65,16 +71,40 @@ def read_header(path: Path, tags: Iterable[int]) -> Header:
     )
 
 
-def check_complete(path: Path, offset: int, transfer_syntax: UID) -> None:
-    """Raise Unreadable unless every element from `offset` on is whole (PS3.5 7.1, 7.5)."""
+def check_complete(
+    path: Path, offset: int, transfer_syntax: UID, wanted: frozenset[int] = frozenset()
+) -> dict[int, tuple[str | None, int, int]] | None:
+    """Raise Unreadable unless every element from `offset` on is whole (PS3.5 7.1, 7.5).
+
+    Returns where the `wanted` top-level elements are: tag -> (explicit VR or None,
+    value offset, length), or None when they cannot be read that way (deflated
+    data, or a wanted element of undefined length).
+    """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         _check_deflated(path, offset)
-        return
+        return None
     with open(path, "rb") as stream:
         size = stream.seek(0, 2)
         stream.seek(offset)
-        walker = _Walker(stream, size, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+        walker = _Walker(stream, size, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
         walker.elements(end=size, depth=0)
+    return None if walker.undefined_wanted else walker.found
+
+
+def _dataset(path: Path, found: dict[int, tuple[str | None, int, int]], transfer_syntax: UID) -> Dataset:
+    """The wanted elements as raw elements, decoded by pydicom only when read (one pass over the file, not two)."""
+    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    elements = {}
+    with open(path, "rb") as stream:
+        for tag, (vr, value_offset, length) in sorted(found.items()):
+            stream.seek(value_offset)
+            value = stream.read(length)
+            elements[BaseTag(tag)] = RawDataElement(
+                BaseTag(tag), vr, length, value, value_offset, implicit, little, True, False
+            )
+    dataset = Dataset(elements)
+    dataset.set_original_encoding(implicit, little)
+    return dataset
 
 
 def _check_deflated(path: Path, offset: int) -> None:
@@ -93,9 +123,14 @@ def _check_deflated(path: Path, offset: int) -> None:
 class _Walker:
     """Walks element headers, seeking over values, and checks each length fits the file."""
 
-    def __init__(self, stream: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, stream: BinaryIO, size: int, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
+    ) -> None:
         self.stream, self.size, self.implicit = stream, size, implicit
         self.endian = "<" if little else ">"
+        self.wanted = wanted
+        self.found: dict[int, tuple[str | None, int, int]] = {}
+        self.undefined_wanted = False
 
     def _read(self, count: int) -> bytes:
         data = self.stream.read(count)
@@ -124,7 +159,7 @@ class _Walker:
                 return
             if tag >> 16 == 0xFFFE:
                 raise Unreadable("an item delimiter where an element was expected")
-            implicit_value = False
+            implicit_value, vr = False, None
             if self.implicit:
                 (length,) = struct.unpack(self.endian + "L", self._read(4))
             else:
@@ -135,6 +170,11 @@ class _Walker:
                     implicit_value = vr == b"UN"  # PS3.5 6.2.2: UN of undefined length holds implicit VR LE
                 else:
                     (length,) = struct.unpack(self.endian + "H", self._read(2))
+            if depth == 0 and tag in self.wanted:
+                if length == UNDEFINED:
+                    self.undefined_wanted = True
+                else:
+                    self.found[tag] = (vr.decode("ascii", "replace") if vr else None, self.stream.tell(), length)
             if length == UNDEFINED:
                 self.items(depth + 1, implicit_value)
             else:

@@ -128,11 +128,21 @@ def stored_file(relative: str) -> Path:
     return path
 
 
-def save(*, source: Path | BinaryIO, calling_ae: str = "", called_ae: str = "", origin: str = "dimse") -> StoreResult:
+def save(
+    *,
+    source: Path | BinaryIO,
+    calling_ae: str = "",
+    called_ae: str = "",
+    origin: str = "dimse",
+    expect_study_uid: str | None = None,
+    digest: tuple[str, int] | None = None,
+) -> StoreResult:
     """Store one Part 10 file and index it; success only once both are durable.
 
     `source` is a file inside temp_dir() (consumed: moved into the store or
-    removed) or a readable stream (copied into temp_dir() first).
+    removed) or a readable stream (copied into temp_dir() first). `digest`
+    is the sha256 and size of a source file whose writer hashed it as it
+    wrote (the C-STORE receiver does), which saves reading it back.
     """
     temp: Path | None = None
     received: Received | None = None
@@ -142,7 +152,14 @@ def save(*, source: Path | BinaryIO, calling_ae: str = "", called_ae: str = "", 
         _check_space()
         if temp is None:
             temp = _spool(source)
-        received = _receive(temp, calling_ae=calling_ae, called_ae=called_ae, origin=origin)
+        received = _receive(
+            temp,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            origin=origin,
+            expect_study_uid=expect_study_uid,
+            digest=digest,
+        )
         result = _index(received)
     except Refused as refusal:
         result = StoreResult(refusal.status, "failed", received.sop_uid if received else "", refusal.reason)
@@ -187,7 +204,15 @@ def _spool(stream: BinaryIO) -> Path:
     return Path(spool.name)
 
 
-def _receive(temp: Path, *, calling_ae: str, called_ae: str, origin: str) -> Received:
+def _receive(
+    temp: Path,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    origin: str,
+    expect_study_uid: str | None = None,
+    digest: tuple[str, int] | None = None,
+) -> Received:
     """Check the file (whole, parseable, consistent UIDs), hash it and make it durable."""
     try:
         header = read_header(temp, indexing.HEADER_TAGS + outbox.tags())
@@ -203,7 +228,10 @@ def _receive(temp: Path, *, calling_ae: str, called_ae: str, origin: str) -> Rec
         raise Refused(Status.DATASET_MISMATCH, "SOP Class UID differs from the request's")
     if header.sop_instance_uid and header.sop_instance_uid != uids["SOPInstanceUID"]:
         raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request's")
-    sha256, size = _digest_and_sync(temp)
+    # STOW-RS to /studies/{study}: an instance of another study is refused before it is stored.
+    if expect_study_uid is not None and uids["StudyInstanceUID"] != expect_study_uid:
+        raise Refused(Status.DATASET_MISMATCH, "Study Instance UID differs from the request's")
+    sha256, size = _digest_and_sync(temp, digest)
     return Received(
         temp=temp,
         header=header,
@@ -218,9 +246,13 @@ def _receive(temp: Path, *, calling_ae: str, called_ae: str, origin: str) -> Rec
     )
 
 
-def _digest_and_sync(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+def _digest_and_sync(path: Path, known: tuple[str, int] | None = None) -> tuple[str, int]:
+    """sha256 and size of the file, made durable; a `known` digest is trusted if the size agrees."""
     with open(path, "rb") as stream:
+        if known is not None and os.fstat(stream.fileno()).st_size == known[1]:
+            os.fsync(stream.fileno())
+            return known
+        digest, size = hashlib.sha256(), 0
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -241,23 +273,28 @@ def _index(received: Received) -> StoreResult:
 
 
 def _commit(received: Received, placed: list[Path], now) -> StoreResult:
-    for _attempt in range(2):
+    relative = relative_path(received.study_uid, received.series_uid, received.sop_uid)
+    fields = _file_fields(received, relative, now)
+    dataset = received.header.dataset
+    instance = indexing.insert_under_series(
+        dataset, series_uid=received.series_uid, sop_instance_uid=received.sop_uid, **fields
+    )
+    attempts = 0
+    while instance is None:
         existing = indexing.lock_instance(received.sop_uid)
         if existing is not None:
             return _duplicate(received, existing, placed, now)
-        relative = relative_path(received.study_uid, received.series_uid, received.sop_uid)
+        if attempts == 2:
+            raise Refused(Status.PROCESSING_FAILURE, "the instance row could neither be inserted nor found")
+        # A new series (or a row deleted since): the general path, which may lose a race
+        # with a concurrent association storing the same UID and then finds a duplicate.
         instance = indexing.create_instance(
-            received.header.dataset,
-            series=_series(received, now),
-            sop_instance_uid=received.sop_uid,
-            **_file_fields(received, relative, now),
+            dataset, series=_series(received, now), sop_instance_uid=received.sop_uid, **fields
         )
-        if instance is not None:
-            outbox.write_jobs(instance, received)
-            _place(received.temp, relative, placed)
-            return StoreResult(Status.SUCCESS, "stored", received.sop_uid)
-        # Lost a race with a concurrent association storing the same UID: now it is a duplicate.
-    raise Refused(Status.PROCESSING_FAILURE, "the instance row could neither be inserted nor found")
+        attempts += 1
+    outbox.write_jobs(instance, received)
+    _place(received.temp, relative, placed)
+    return StoreResult(Status.SUCCESS, "stored", received.sop_uid)
 
 
 def _duplicate(received: Received, existing: Instance, placed: list[Path], now) -> StoreResult:

@@ -7,6 +7,7 @@ one rename; the data set is never held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -35,10 +36,35 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _temp_file(*args, **kwargs):
+class HashingFile:
+    """pynetdicom's temp file, hashed as it is written, so the store need not read it back to checksum it.
+
+    pynetdicom only ever appends to it (preamble, file meta, then each P-DATA
+    fragment in order), so the running digest is the file's.
+    """
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self.name, self.file = file.name, file.file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def digest(self) -> tuple[str, int]:
+        return self.sha256.hexdigest(), self.size
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+def _temp_file(*args, **kwargs) -> HashingFile:
     """pynetdicom's NamedTemporaryFile, in the store's temp folder (same filesystem as the root)."""
     kwargs["dir"] = store.temp_dir()
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return HashingFile(tempfile.NamedTemporaryFile(*args, **kwargs))
 
 
 def add_contexts(ae: AE) -> None:
@@ -57,8 +83,10 @@ def handle_store(event: evt.Event) -> int:
     else:
         _keep_usable_connection()
         try:
+            written = getattr(event.request, "_dataset_file", None)
             result = store.save(
                 source=event.dataset_path,
+                digest=written.digest() if isinstance(written, HashingFile) else None,
                 calling_ae=event.assoc.requestor.ae_title,
                 called_ae=event.assoc.acceptor.ae_title,
             )
