@@ -53,13 +53,11 @@ class DicomWildcard(Lookup):
             if not self.case_sensitive:  # SQLite's UPPER folds ASCII only
                 lhs, rhs = f"UPPER({lhs})", f"UPPER({rhs})"
             return f"{lhs} GLOB {rhs}", [*lhs_params, *rhs_params]
-        operator = "LIKE"
         if not self.case_sensitive:
-            if connection.vendor == "postgresql":
-                operator = "ILIKE"
-            else:
-                lhs, rhs = f"UPPER({lhs})", f"UPPER({rhs})"
-        return f"{lhs} {operator} {rhs} ESCAPE '\\'", [*lhs_params, *rhs_params]
+            # Not ILIKE: UPPER(col) LIKE ... can use an index on UPPER(col) with a pattern opclass
+            # (worklist migration 0003); ILIKE needs a trigram index for any prefix.
+            lhs, rhs = f"UPPER({lhs})", f"UPPER({rhs})"
+        return f"{lhs} LIKE {rhs} ESCAPE '\\'", [*lhs_params, *rhs_params]
 
 
 class DicomWildcardIgnoreCase(DicomWildcard):

@@ -7,6 +7,7 @@ Values are kept as DICOM strings (PN with ^ and = groups, DA "YYYYMMDD", TM
 from __future__ import annotations
 
 from django.db import models
+from django.db.models import Q
 from django.db.models.functions import Upper
 
 from gateway.models import Node
@@ -39,7 +40,10 @@ class Patient(models.Model):
             models.UniqueConstraint(fields=["patient_id", "issuer_of_patient_id"], name="worklist_patient_id_issuer")
         ]
         indexes = [
-            models.Index(fields=["patient_name"], name="worklist_patient_name"),
+            # Pattern opclasses let PostgreSQL answer "DOE*" (LIKE 'DOE%') from the index; SQLite ignores
+            # them (its GLOB uses the plain index). The case-insensitive twin on UPPER(patient_name) is
+            # created by migration 0003 on PostgreSQL only: an opclass on an expression is not portable.
+            models.Index(fields=["patient_name"], name="worklist_patient_name", opclasses=["varchar_pattern_ops"]),
             models.Index(Upper("patient_name"), name="worklist_patient_name_upper"),
         ]
 
@@ -108,6 +112,10 @@ class Order(models.Model):
         return f"order {self.accession_number}"
 
 
+# ScheduledStep.CLOSED as plain strings, for the partial indexes in its Meta (which cannot see the class body).
+CLOSED_STEP_STATES = ("COMPLETED", "DISCONTINUED", "CANCELED")
+
+
 class ScheduledStep(models.Model):
     """A Scheduled Procedure Step: one item of the Scheduled Procedure Step Sequence (PS3.3 C.4.10)."""
 
@@ -124,6 +132,7 @@ class ScheduledStep(models.Model):
 
     # Steps in these states are no longer offered by the worklist.
     CLOSED = (Status.COMPLETED, Status.DISCONTINUED, Status.CANCELED)
+    assert CLOSED == CLOSED_STEP_STATES
 
     order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="steps")
     step_id = models.CharField(max_length=16)
@@ -144,9 +153,24 @@ class ScheduledStep(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["order", "step_id"], name="worklist_step_per_order")]
+        # Partial indexes over the open steps, with the query's own predicate (open_steps()), so that
+        # PostgreSQL uses them for a station's or a modality's day and reads them in answer order.
         indexes = [
-            models.Index(fields=["status", "start_date", "station_ae_title"], name="worklist_step_station"),
-            models.Index(fields=["status", "modality", "start_date"], name="worklist_step_modality"),
+            models.Index(
+                fields=["station_ae_title", "start_date", "start_time"],
+                condition=~Q(status__in=CLOSED_STEP_STATES),
+                name="worklist_open_step_station",
+            ),
+            models.Index(
+                fields=["modality", "start_date", "start_time"],
+                condition=~Q(status__in=CLOSED_STEP_STATES),
+                name="worklist_open_step_modality",
+            ),
+            models.Index(
+                fields=["start_date", "start_time"],
+                condition=~Q(status__in=CLOSED_STEP_STATES),
+                name="worklist_open_step_start",
+            ),
             models.Index(fields=["step_id"], name="worklist_step_id"),
         ]
 
