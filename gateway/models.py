@@ -114,7 +114,7 @@ class Heartbeat(models.Model):
 class Patient(models.Model):
     patient_id = models.CharField(max_length=64, db_index=True)
     issuer_of_patient_id = models.CharField(max_length=64, blank=True)
-    patient_name = models.CharField(max_length=324, blank=True, db_index=True)
+    patient_name = models.CharField(max_length=324, blank=True)
     patient_birth_date = models.CharField(max_length=8, blank=True)
     patient_sex = models.CharField(max_length=16, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -122,6 +122,11 @@ class Patient(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["patient_id", "issuer_of_patient_id"], name="patient_id_issuer")]
+        # "DOE*" is LIKE 'DOE%': a pattern opclass lets PostgreSQL range-scan it (SQLite ignores opclasses
+        # and its GLOB uses the plain index). Migration 0003 adds UPPER(patient_name) for case-insensitive PN.
+        indexes = [
+            models.Index(fields=["patient_name"], name="patient_name_pattern", opclasses=["varchar_pattern_ops"])
+        ]
 
     def __str__(self) -> str:
         return f"patient #{self.pk}"  # never the name or ID: this string reaches logs
