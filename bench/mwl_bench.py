@@ -106,7 +106,6 @@ def fill_database(count: int) -> None:
         cursor.execute("ANALYZE")
 
 
-
 def write_wl_files(count: int, folder: Path) -> None:
     """The same worklist as dcmtk worklist files (one per step) for wlmscpfs."""
     folder.mkdir(parents=True)
@@ -275,7 +274,9 @@ def isthmus_listener() -> Iterator[int]:
         "TCP_NODELAY": "1",
     }
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "dimse", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT
+        [sys.executable, str(ROOT / "manage.py"), "dimse", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
     )
     try:
         wait_for_port(port, process)

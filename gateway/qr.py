@@ -179,7 +179,8 @@ def _check_unique_keys(root: str, level: str, identifier: Dataset, *, through: b
             raise QueryError(f"{keyword} must be a single value at {level} level")
 
 
-def _condition(level: str, keyword: str, value: object, *, ignore_case: bool) -> Q:
+def key_condition(level: str, keyword: str, value: object, *, ignore_case: bool) -> Q:
+    """A Q object matching one key at `level` (Study Root path): shared by C-FIND and QIDO-RS."""
     if keyword == "ModalitiesInStudy":
         if is_universal(value):
             return Q()
@@ -212,7 +213,7 @@ def parse_query(root: str, identifier: Dataset, *, ignore_case_pn: bool = False)
                 query.unsupported.append(keyword)
             continue
         try:
-            query.condition &= _condition(level, keyword, value, ignore_case=ignore_case_pn)
+            query.condition &= key_condition(level, keyword, value, ignore_case=ignore_case_pn)
         except QueryValueError as exc:
             raise QueryError(f"{keyword}: {exc}") from None
         query.returned.append(keyword)
@@ -226,8 +227,8 @@ def _charset(level: str):
     return F(f"{path_to(level, STUDY)}specific_character_set")
 
 
-def find_rows(query: Query, limit: int) -> list[dict]:
-    """Up to `limit` matching rows, each a dict keyed by the returned keywords."""
+def find_rows(query: Query, limit: int, offset: int = 0) -> list[dict]:
+    """Up to `limit` matching rows after the first `offset`, each a dict keyed by the returned keywords."""
     columns = {"SpecificCharacterSet": _charset(query.level)}
     for keyword in query.returned:
         if keyword in COMPUTED:
@@ -236,7 +237,7 @@ def find_rows(query: Query, limit: int) -> list[dict]:
             attribute = ATTRIBUTES[keyword]
             columns[keyword] = F(path_to(query.level, attribute.level) + attribute.field)
     rows = query.model.objects.filter(query.condition).order_by("pk").values(**columns)
-    return list(rows[:limit])
+    return list(rows[offset : offset + limit])
 
 
 def _dicom_value(keyword: str, value: object) -> object:
