@@ -189,6 +189,24 @@ class Isthmus(Server):
             return db.execute("SELECT COUNT(*) FROM gateway_instance").fetchone()[0]
 
 
+class Bare(Server):
+    """bench/bare_scp.py: stock pynetdicom receiving to files, nothing else (the ceiling for pynetdicom)."""
+
+    def start(self) -> None:
+        (self.base / "out").mkdir(exist_ok=True)
+        log = open(self.base / "bare.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "bare_scp.py"), str(self.port), str(self.base / "out")],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=log,
+            stderr=log,
+        )
+        wait_for_port(self.port, self.process)
+
+    def count(self) -> int:
+        return sum(1 for name in os.listdir(self.base / "out") if name.endswith(".dcm") and not name.startswith("tmp"))
+
+
 class Orthanc(Server):
     def start(self) -> None:
         config = {
@@ -329,16 +347,22 @@ def big_instance(work: Path, servers: list[Server], megabytes: int) -> list[tupl
 
 
 def table(cells: list[Cell]) -> str:
+    bare = "pynetdicom" in cells[0].seconds
     lines = [
-        "| cell | instances | MiB | Isthmus inst/s | Isthmus MiB/s | Orthanc inst/s | Orthanc MiB/s | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | instances | MiB | Isthmus inst/s | Isthmus MiB/s | Orthanc inst/s | Orthanc MiB/s | ratio |"
+        + (" bare pynetdicom inst/s | bare / Orthanc |" if bare else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if bare else ""),
     ]
     for cell in cells:
         ours, theirs = cell.rate("Isthmus"), cell.rate("Orthanc")
-        lines.append(
+        line = (
             f"| {cell.label} | {cell.files} | {cell.size / MB:.1f} | {ours[0]:.1f} | {ours[1]:.1f} "
             f"| {theirs[0]:.1f} | {theirs[1]:.1f} | {cell.ratio():.2f} |"
         )
+        if bare:
+            pairs = zip(cell.seconds["pynetdicom"], cell.seconds["Orthanc"], strict=True)
+            line += f" {cell.rate('pynetdicom')[0]:.1f} | {statistics.median(o / b for b, o in pairs):.2f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -356,16 +380,19 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=1024, help="size of the multi-frame instance; 0 skips it")
     parser.add_argument("--quick", action="store_true", help="--count 40 --repeat 1 --big-mb 64: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, stores)")
+    parser.add_argument("--bare", action="store_true", help="also measure stock pynetdicom (bench/bare_scp.py)")
     args = parser.parse_args()
     if args.quick:
         args.count, args.repeat, args.big_mb = 40, 1, 64
     work = Path(tempfile.mkdtemp(prefix="isthmus-store-bench-", dir=os.environ.get("BENCH_TMPDIR")))
-    for name in ("isthmus", "orthanc"):
+    for name in ("isthmus", "orthanc", "bare"):
         (work / name).mkdir()
     servers: list[Server] = [
         Isthmus("Isthmus", "ISTHMUS", work / "isthmus"),
         Orthanc("Orthanc", "ORTHANC", work / "orthanc"),
     ]
+    if args.bare:
+        servers.append(Bare("pynetdicom", "BARE", work / "bare"))
     print(f"nproc {os.cpu_count()}, work dir {work}, {args.count} instances per cell and run", flush=True)
     try:
         for server in servers:
