@@ -175,9 +175,10 @@ def measure(port: int, called: str, workload: list[tuple[str, Dataset]]) -> list
 
 
 def report(name: str, steps: int, results: list[tuple[str, float, int]]) -> None:
-    for kind in dict.fromkeys(kind for kind, _, _ in results):
-        values = sorted(ms for each, ms, _ in results if each == kind)
-        answers = [found for each, _, found in results if each == kind]
+    """One row per query kind, then one over the whole mix (what a modality's queries see overall)."""
+    for kind in [*dict.fromkeys(kind for kind, _, _ in results), "all kinds"]:
+        values = sorted(ms for each, ms, _ in results if kind in (each, "all kinds"))
+        answers = [found for each, _, found in results if kind in (each, "all kinds")]
         p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
         print(f"| {name} | {steps:,} | {kind} | {len(values)} | {statistics.mean(answers):.1f} | "
               f"{statistics.median(values):.1f} | {p95:.1f} |", flush=True)  # fmt: skip
