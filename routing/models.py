@@ -131,6 +131,9 @@ class ForwardJob(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField()
     lease_until = models.DateTimeField(null=True, blank=True, help_text="Claimed by a worker until then.")
+    batch = models.CharField(
+        max_length=32, blank=True, default="", help_text="The delivery holding the lease; blank while only queued."
+    )
     created_at = models.DateTimeField()
     delivered_at = models.DateTimeField(null=True, blank=True, db_index=True)
     last_error = models.TextField(blank=True)

@@ -1,0 +1,88 @@
+"""Routing fixtures: Orthanc peers, destinations and rules, and a way to run due deliveries in-process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from gateway.models import Node
+from routing import outbox, services
+from routing.models import Destination, ForwardJob, Rule
+from tests.orthanc import Orthanc
+
+
+@pytest.fixture
+def storage(settings, tmp_path) -> Path:
+    settings.STORAGE_DIR = tmp_path / "storage"
+    return settings.STORAGE_DIR
+
+
+@pytest.fixture
+def rings(monkeypatch, transactional_db) -> list[tuple[int, str]]:
+    """Doorbells recorded instead of sent: in-process tests drive deliveries with drain()."""
+    rung: list[tuple[int, str]] = []
+    monkeypatch.setattr(outbox, "_send", lambda destination_id, study_uid: rung.append((destination_id, study_uid)))
+    monkeypatch.setattr(outbox, "RING_WINDOW", 0.0)
+    outbox.invalidate()
+    yield rung
+    outbox.invalidate()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    """A running Orthanc with DICOMweb, shared by a module's tests (each test uses its own UIDs)."""
+    peer = Orthanc(tmp_path_factory.mktemp("orthanc"), ae_title="ORTHANC")
+    peer.start()
+    yield peer
+    peer.close()
+
+
+def dimse_destination(peer: Orthanc, name: str = "pacs", **fields) -> Destination:
+    node = Node.objects.create(
+        name=f"{name}-node", ae_title=peer.ae_title, host="127.0.0.1", port=peer.dicom_port, allowed_in=False
+    )
+    fields.setdefault("retry_first_delay", 0.2)
+    fields.setdefault("retry_max_delay", 1.0)
+    return Destination.objects.create(name=name, kind=Destination.Kind.DIMSE, node=node, **fields)
+
+
+def stow_destination(url: str, name: str = "cloud", **fields) -> Destination:
+    fields.setdefault("retry_first_delay", 0.2)
+    fields.setdefault("retry_max_delay", 1.0)
+    fields.setdefault("read_timeout", 30.0)
+    return Destination.objects.create(name=name, kind=Destination.Kind.DICOMWEB, url=url, **fields)
+
+
+def rule(name: str, conditions: dict, *destinations: Destination, **fields) -> Rule:
+    created = Rule.objects.create(name=name, conditions=conditions, **fields)
+    created.destinations.set(destinations)
+    outbox.invalidate()
+    return created
+
+
+def drain(timeout: float = 30.0) -> int:
+    """Deliver every due job in this process, waiting out backoffs, until none is pending; returns deliveries run."""
+    runs, deadline = 0, time.monotonic() + timeout
+    pending = ForwardJob.objects.filter(state=ForwardJob.State.PENDING)
+    while pending.exists() and time.monotonic() < deadline:
+        pairs = set(
+            pending.filter(next_attempt_at__lte=timezone.now()).values_list("destination_id", "study_instance_uid")
+        )
+        if not pairs:
+            time.sleep(0.05)
+            continue
+        for destination_id, study_uid in pairs:
+            services.deliver(destination_id, study_uid)
+            runs += 1
+    return runs
+
+
+def states() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in ForwardJob.objects.values_list("state", flat=True):
+        counts[state] = counts.get(state, 0) + 1
+    return counts
