@@ -28,6 +28,7 @@ from gateway import services
 from gateway.dimse.sockets import set_nodelay
 from gateway.models import CommitmentRequest, Instance, Node
 from gateway.store import instance_path
+from routing.models import ForwardJob
 
 log = logging.getLogger("isthmus.commitment")
 
@@ -48,6 +49,8 @@ MAX_AGE = timedelta(hours=24)
 # leaves the row to the sweeper once this lease runs out.
 LEASE = timedelta(seconds=120)
 CLAIM_BATCH = 100
+# How often a request WAITING for routing (policy "delivered") is looked at again.
+WAIT_POLL = timedelta(seconds=10)
 
 
 class EventType(IntEnum):
@@ -112,8 +115,19 @@ def _uid(value) -> str:
 def record_request(
     *, transaction_uid: str, referenced: list[list[str]], node: Node | None, calling_ae: str, peer_address: str
 ) -> CommitmentRequest:
-    """Write the request with its outcome already evaluated, so every delivery sends the same report."""
-    success, failed = evaluate(referenced)
+    """Write the request with its outcome already evaluated, so every delivery sends the same report.
+
+    Under the "delivered" policy, while routing still owes some referenced
+    instance to a destination, the row WAITs (no report yet) and the sweep
+    evaluates it once the jobs are settled (release_waiting()).
+    """
+    now = timezone.now()
+    if settings.COMMITMENT_POLICY == "delivered" and _awaiting_delivery(sop for _, sop in referenced):
+        success, failed, state, due = [], [], State.WAITING, now + WAIT_POLL
+    else:
+        # Not due until the N-ACTION response is out; if the doorbell after it is
+        # lost (process died, broker down), the sweeper finds the row then.
+        (success, failed), state, due = evaluate(referenced), State.PENDING, now + LEASE
     return CommitmentRequest.objects.create(
         transaction_uid=transaction_uid,
         node=node,
@@ -122,12 +136,27 @@ def record_request(
         referenced=referenced,
         success=success,
         failed=failed,
-        state=State.PENDING,
-        # Not due until the N-ACTION response is out; if the doorbell after it is
-        # lost (process died, broker down), the sweeper finds the row then.
-        next_attempt_at=timezone.now() + LEASE,
-        received_at=timezone.now(),
+        state=state,
+        next_attempt_at=due,
+        received_at=now,
     )
+
+
+def release_waiting(*, limit: int = CLAIM_BATCH) -> list[int]:
+    """Evaluate WAITING requests whose deliveries are settled (or that waited MAX_AGE); ids now due to report."""
+    now = timezone.now()
+    released = []
+    for waiting in CommitmentRequest.objects.filter(state=State.WAITING, next_attempt_at__lte=now)[:limit]:
+        references = waiting.referenced
+        if now - waiting.received_at < MAX_AGE and _awaiting_delivery(sop for _, sop in references):
+            CommitmentRequest.objects.filter(pk=waiting.pk, state=State.WAITING).update(next_attempt_at=now + WAIT_POLL)
+            continue
+        success, failed = evaluate(references)  # still queued after MAX_AGE: reported as failed
+        if CommitmentRequest.objects.filter(pk=waiting.pk, state=State.WAITING).update(
+            state=State.PENDING, success=success, failed=failed, next_attempt_at=now
+        ):
+            released.append(waiting.pk)
+    return released
 
 
 # --- What "committed" means ---------------------------------------------------------
@@ -136,13 +165,14 @@ def record_request(
 def evaluate(referenced: list[list[str]]) -> tuple[list[list[str]], list[list]]:
     """Split references into committed [[class, instance]] and failed [[class, instance, reason]]."""
     stored = _stored_instances(sop_instance for _, sop_instance in referenced)
-    if settings.COMMITMENT_POLICY == "delivered":
-        stored = delivered_to_all_destinations(stored)
+    undelivered = _undelivered(stored.values()) if settings.COMMITMENT_POLICY == "delivered" else set()
     success, failed = [], []
     for sop_class, sop_instance in referenced:
         found = stored.get(sop_instance)
         if found is None:
             failed.append([sop_class, sop_instance, FailureReason.NO_SUCH_OBJECT_INSTANCE])
+        elif sop_instance in undelivered:
+            failed.append([sop_class, sop_instance, FailureReason.PROCESSING_FAILURE])
         elif found.sop_class_uid != sop_class:
             failed.append([sop_class, sop_instance, FailureReason.CLASS_INSTANCE_CONFLICT])
         elif not _file_exists(found):
@@ -173,14 +203,31 @@ def _file_exists(instance: Instance) -> bool:
         return False
 
 
-def delivered_to_all_destinations(stored: dict[str, Instance]) -> dict[str, Instance]:
-    """ISTHMUS_COMMITMENT_POLICY=delivered: keep only instances every destination has acknowledged.
+def _undelivered(instances: Iterable[Instance]) -> set[str]:
+    """SOP Instance UIDs of these instances that some destination has not acknowledged (pending, dead, cancelled).
 
-    Routing does not exist yet, so this is the "stored" policy. When it does,
-    filter on finished ForwardJobs here, and defer the report (leave the row
-    PENDING, not due) while jobs for the referenced instances are still queued.
+    An instance no rule routed anywhere has nothing to deliver: stored is committed.
     """
-    return stored
+    ids = {instance.pk: instance.sop_instance_uid for instance in instances}
+    keys = list(ids)
+    missing: set[str] = set()
+    for start in range(0, len(keys), 500):
+        jobs = ForwardJob.objects.filter(instance_id__in=keys[start : start + 500]).exclude(
+            state=ForwardJob.State.DELIVERED
+        )
+        missing.update(ids[instance_id] for instance_id in jobs.values_list("instance_id", flat=True))
+    return missing
+
+
+def _awaiting_delivery(sop_instance_uids: Iterable[str]) -> bool:
+    """True while routing still owes one of these instances to a destination (a job pending)."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    return any(
+        ForwardJob.objects.filter(
+            instance__sop_instance_uid__in=uids[start : start + 500], state=ForwardJob.State.PENDING
+        ).exists()
+        for start in range(0, len(uids), 500)
+    )
 
 
 # --- The report --------------------------------------------------------------------

@@ -217,6 +217,7 @@ class CommitmentRequest(models.Model):
     """A Storage Commitment N-ACTION (PS3.4 J.3) and the N-EVENT-REPORT owed for it."""
 
     class State(models.TextChoices):
+        WAITING = "waiting", "Waiting for routing to deliver the instances"
         PENDING = "pending", "Report not yet delivered"
         DELIVERED = "delivered", "Report delivered"
         FAILED = "failed", "Gave up delivering the report"

@@ -38,6 +38,7 @@ def deliver_commitment_report(commitment_id: int) -> None:
 @shared_task(ignore_result=True)
 def sweep_commitment_reports() -> int:
     """Re-ring every due report: the row is the truth, so a lost message or a Redis restart loses nothing."""
+    commitment.release_waiting()  # "delivered" policy: requests whose instances routing has now delivered
     due = commitment.claim_due()
     for commitment_id in due:
         deliver_commitment_report.delay(commitment_id)

@@ -360,6 +360,42 @@ def test_all_committed_is_event_type_1_without_a_failed_sequence(stored, request
     assert event_type == 1 and "FailedSOPSequence" not in info and len(info.ReferencedSOPSequence) == 2
 
 
+def test_delivered_policy_waits_for_routing_then_reports_what_every_destination_has(stored, requester, settings):
+    from routing.models import Destination, ForwardJob
+
+    settings.COMMITMENT_POLICY = "delivered"
+    pacs = Destination.objects.create(name="pacs", kind="dicomweb", url="http://127.0.0.1:9/dicomweb")
+    routed, unrouted = stored
+    now = timezone.now()
+    job = ForwardJob.objects.create(
+        instance=routed, destination=pacs, study_instance_uid=routed.series.study.study_instance_uid,
+        next_attempt_at=now, created_at=now,
+    )  # fmt: skip
+    references = [[i.sop_class_uid, i.sop_instance_uid] for i in stored]
+    row = commitment.record_request(
+        transaction_uid=generate_uid(), referenced=references, node=requester, calling_ae="CMTSCU",
+        peer_address="127.0.0.1",
+    )  # fmt: skip
+    assert row.state == State.WAITING and row.success == [] and row.failed == []
+    assert commitment.begin_attempt(commitment_id=row.pk) is None  # nothing is reported while it waits
+
+    CommitmentRequest.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
+    assert commitment.release_waiting() == []  # the job is still pending: look again later
+    row.refresh_from_db()
+    assert row.state == State.WAITING and row.next_attempt_at > timezone.now()
+
+    ForwardJob.objects.filter(pk=job.pk).update(state=ForwardJob.State.DEAD)
+    CommitmentRequest.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
+    assert commitment.release_waiting() == [row.pk]
+    row.refresh_from_db()
+    assert row.state == State.PENDING and row.next_attempt_at <= timezone.now()
+    assert row.success == [[unrouted.sop_class_uid, unrouted.sop_instance_uid]]  # no rule routed it: stored is enough
+    assert row.failed == [[routed.sop_class_uid, routed.sop_instance_uid, 0x0110]]  # a destination never got it
+
+    ForwardJob.objects.filter(pk=job.pk).update(state=ForwardJob.State.DELIVERED)
+    assert commitment.evaluate(references) == (references, [])
+
+
 def test_retries_give_up_after_the_last_attempt(requester, stored):
     row = commitment.record_request(
         transaction_uid=generate_uid(), referenced=[[CTImageStorage, "1.2.3"]], node=requester, calling_ae="CMTSCU",
