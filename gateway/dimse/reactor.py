@@ -1,42 +1,95 @@
-"""Poll pynetdicom's reactors fast while an association is busy, at pynetdicom's pace when it is idle.
+"""Wake pynetdicom's reactor threads when there is work, instead of after a fixed 1 ms sleep.
 
 pynetdicom 3.0 runs two polling loops per association: the DUL thread sleeps
 `_run_loop_delay` (1 ms) whenever a loop found nothing to do, and the
 association thread sleeps a fixed 1 ms before each look at its message queue.
-Each C-STORE crosses both loops, so a synchronous sender such as storescu waits
-about a millisecond per instance for nothing: bare pynetdicom received 290 small
-instances/s with 1 ms sleeps and 430/s with 0.1-0.2 ms ones (see
-docs/benchmarks.md). Polling fast forever would burn CPU on idle associations,
-so the short sleep applies only within BUSY_WINDOW of the last PDU received.
+Every C-STORE crosses both loops, so a synchronous sender such as storescu
+waited about a millisecond per instance for nothing (bare pynetdicom: 290
+small instances/s with those sleeps, 430/s with 0.1 ms ones). Shorter sleeps
+burn CPU that concurrent associations need, so the sleeps become waits that
+end early on work:
 
+- the association thread waits on its DIMSE message queue's condition, which
+  the DUL thread notifies when it queues a decoded message;
+- the DUL thread waits in select() on its socket and an eventfd that is
+  written when the association thread queues a primitive to send.
+
+Both still return after the original 1 ms at most, so timers behave as before.
 pynetdicom has no hook for this: the `time` module both modules use is
-replaced by a stand-in whose sleep() shortens exactly those 1 ms sleeps
-(pinned to pynetdicom 3.0.4; tests/gateway/test_dimse_reactor.py checks it).
+replaced by a stand-in whose sleep() does the waiting (pinned to pynetdicom
+3.0.4; tests/gateway/test_dimse_reactor.py checks it).
 """
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 import types
+import weakref
 
 from pynetdicom import association, dul
 
-REACTOR_SLEEP = 0.001  # pynetdicom's fixed association-loop sleep and default DUL _run_loop_delay
-BUSY_SLEEP = 0.0001
-BUSY_WINDOW = 0.05  # seconds since the last PDU during which an association counts as busy
-
-
-def busy(thread: threading.Thread | None = None) -> bool:
-    """True when the association that `thread` (a DUL or an association thread) serves received a PDU just now."""
-    thread = thread or threading.current_thread()
-    provider = thread if isinstance(thread, dul.DULServiceProvider) else getattr(thread, "dul", None)
-    last_pdu = getattr(getattr(provider, "_idle_timer", None), "_start_time", None)
-    return last_pdu is not None and time.time() - last_pdu < BUSY_WINDOW
+REACTOR_SLEEP = 0.001  # pynetdicom's association-loop sleep and default DUL _run_loop_delay
 
 
 def _sleep(seconds: float) -> None:
-    time.sleep(BUSY_SLEEP if seconds == REACTOR_SLEEP and busy() else seconds)
+    if seconds == REACTOR_SLEEP:
+        thread = threading.current_thread()
+        if isinstance(thread, dul.DULServiceProvider):
+            return _dul_wait(thread, seconds)
+        if isinstance(thread, association.Association) and thread.dimse is not None:
+            return _association_wait(thread, seconds)
+    time.sleep(seconds)
+
+
+def _association_wait(assoc: association.Association, timeout: float) -> None:
+    """Until a DIMSE message is queued for this association, or `timeout`."""
+    messages = assoc.dimse.msg_queue
+    with messages.not_empty:
+        if not messages.queue:
+            messages.not_empty.wait(timeout)
+
+
+def _dul_wait(provider: dul.DULServiceProvider, timeout: float) -> None:
+    """Until the peer sends data, the association queues a primitive to send, or `timeout`."""
+    sock = getattr(provider.socket, "socket", None)
+    wake = _wakeup_fd(provider)
+    if sock is None or wake is None:
+        time.sleep(timeout)
+        return
+    try:
+        readable, _, _ = select.select([sock, wake], [], [], timeout)
+    except (OSError, ValueError):  # the socket closed under us: the DUL loop notices next
+        return
+    if wake in readable:
+        try:
+            os.eventfd_read(wake)
+        except BlockingIOError:
+            pass
+
+
+def _wakeup_fd(provider: dul.DULServiceProvider) -> int | None:
+    """The DUL's eventfd, created on first use; to_provider_queue.put() writes to it."""
+    wake = provider.__dict__.get("_isthmus_wakeup")
+    if wake is not None or not hasattr(os, "eventfd"):
+        return wake
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    weakref.finalize(provider, os.close, wake)
+    outgoing = provider.to_provider_queue
+    put = outgoing.put
+
+    def put_and_wake(item, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        try:
+            os.eventfd_write(wake, 1)
+        except OSError:  # closed at shutdown: nobody is waiting any more
+            pass
+
+    outgoing.put = put_and_wake  # an instance attribute: items already queued are unaffected
+    provider._isthmus_wakeup = wake
+    return wake
 
 
 _clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
@@ -44,7 +97,7 @@ _clock.sleep = _sleep
 
 
 def install() -> None:
-    """Give pynetdicom's association and DUL modules the adaptive sleep (idempotent)."""
+    """Give pynetdicom's association and DUL modules the waking sleep (idempotent)."""
     association.time = _clock
     dul.time = _clock
 

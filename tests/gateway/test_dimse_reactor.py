@@ -1,7 +1,9 @@
-"""The adaptive reactor sleep: short while an association is busy, pynetdicom's 1 ms once it is idle."""
+"""The waking reactor: pynetdicom's 1 ms polling sleeps end as soon as there is work."""
 
 from __future__ import annotations
 
+import gc
+import os
 import time
 
 from pynetdicom import AE, association, dul
@@ -10,25 +12,34 @@ from pynetdicom.sop_class import Verification
 from gateway.dimse import reactor
 
 
-def test_pynetdicom_modules_use_the_adaptive_clock():
+def test_pynetdicom_modules_use_the_waking_clock():
     assert reactor.installed()
     assert association.time.sleep is reactor._sleep and dul.time.sleep is reactor._sleep
     assert association.time.time is time.time  # everything else is the real time module
 
 
-def test_an_association_is_busy_right_after_a_pdu_and_idle_later(listener, modality):
+def test_a_served_association_is_woken_by_its_eventfd_and_gives_it_back(listener, modality):
     scu = AE(ae_title="CT1")
     scu.add_requested_context(Verification)
     assoc = scu.associate("127.0.0.1", listener.port, ae_title="ISTHMUS")
     assert assoc.is_established
     try:
-        assert assoc.send_c_echo().Status == 0x0000
+        statuses = [assoc.send_c_echo().Status for _ in range(50)]
+        assert statuses == [0x0000] * 50
         [served] = [a for a in listener.ae.active_associations if a.is_acceptor]
-        assert reactor.busy(served.dul) and reactor.busy(served)  # the DUL thread and the association thread
-        deadline = time.monotonic() + 5
-        while reactor.busy(served) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not reactor.busy(served)
-        assert time.monotonic() < deadline
+        wake = served.dul._isthmus_wakeup
+        assert os.fstat(wake)  # an open eventfd
+        assert served.dul.to_provider_queue.put.__name__ == "put_and_wake"
     finally:
         assoc.release()
+    deadline = time.monotonic() + 10
+    while listener.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    del served
+    gc.collect()
+    try:
+        os.fstat(wake)
+        closed = False
+    except OSError:
+        closed = True
+    assert closed, "the eventfd of a finished association must be closed"
