@@ -41,16 +41,17 @@ class ApiToken(models.Model):
         cls, name: str, *, read: bool = True, write: bool = False, expires_at: datetime | None = None
     ) -> tuple[ApiToken, str]:
         """Create a token; returns the row and the raw token, which is never stored and cannot be shown again."""
-        raw = PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(
-            name=name,
-            key_hash=hash_token(raw),
-            prefix=raw[: len(PREFIX) + 6],
-            can_read=read,
-            can_write=write,
-            expires_at=expires_at,
-        )
+        token = cls(name=name, can_read=read, can_write=write, expires_at=expires_at)
+        raw = token.new_key()
+        token.save()
         return token, raw
+
+    def new_key(self) -> str:
+        """Give this (unsaved) row a fresh key; returns the raw token, of which only a hash is kept."""
+        raw = PREFIX + secrets.token_urlsafe(32)
+        self.key_hash = hash_token(raw)
+        self.prefix = raw[: len(PREFIX) + 6]
+        return raw
 
     def usable(self, now: datetime | None = None) -> bool:
         now = now or timezone.now()

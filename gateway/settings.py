@@ -74,8 +74,18 @@ WORKLIST_PN_CASE_INSENSITIVE = env.bool("ISTHMUS_WORKLIST_PN_CASE_INSENSITIVE", 
 WORKLIST_LIMIT = env.int("ISTHMUS_WORKLIST_LIMIT", 500, 1, 100_000)
 # Downstream MPPS SCPs (node names, comma-separated) that receive a copy of every MPPS.
 MPPS_RELAY_NODES = env.list("ISTHMUS_MPPS_RELAY_NODES", [])
+# Routing: how often beat re-rings due forward jobs; how long a delivery holds its jobs (renewed
+# while it progresses) before another worker may take them; how stale the rules cached per process may be.
+ROUTING_SWEEP_SECONDS = env.float("ISTHMUS_ROUTING_SWEEP_SECONDS", 10.0, low=0.5)
+ROUTING_LEASE_SECONDS = env.float("ISTHMUS_ROUTING_LEASE_SECONDS", 300.0, low=2.0)
+ROUTING_RULES_RELOAD_SECONDS = env.float("ISTHMUS_ROUTING_RULES_RELOAD_SECONDS", 1.0)
 WEB_WORKERS = env.int("ISTHMUS_WEB_WORKERS", 2, 1, 64)
 WORKER_CONCURRENCY = env.int("ISTHMUS_WORKER_CONCURRENCY", 2, 1, 256)
+# --- DICOMweb QIDO-RS (helper C1) ---
+# Most results in one QIDO-RS answer (a larger limit is cut to it; offset pages on).
+QIDO_LIMIT = env.int("ISTHMUS_QIDO_LIMIT", 1000, 1, 100_000)
+# QIDO-RS patient-name matching ignores case (viewers type "doe*").
+QIDO_PN_CASE_INSENSITIVE = env.bool("ISTHMUS_QIDO_PN_CASE_INSENSITIVE", True)
 
 # --- Django ----------------------------------------------------------------
 DEBUG = env.bool("ISTHMUS_DEBUG", False)
@@ -209,6 +219,65 @@ REST_FRAMEWORK = {
     ],
 }
 
+# --- DICOMweb and API access -------------------------------------------------
+# Bearer tokens (API tokens or JWTs) work on /api/ too; staff sessions still do.
+REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].append("dicomweb.auth.BearerTokenAuthentication")
+REST_FRAMEWORK["DEFAULT_PERMISSION_CLASSES"] = ["dicomweb.auth.ApiScope"]
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+INSTALLED_APPS += ["corsheaders", "drf_spectacular"]
+_CORS = "corsheaders.middleware.CorsMiddleware"
+MIDDLEWARE.insert(MIDDLEWARE.index("django.middleware.common.CommonMiddleware"), _CORS)
+# STOW-RS caps: checked against Content-Length up front and counted while streaming.
+STOW_MAX_BYTES = env.int("ISTHMUS_STOW_MAX_BYTES", 4 * 2**30, 1)
+STOW_MAX_PARTS = env.int("ISTHMUS_STOW_MAX_PARTS", 10_000, 1)
+# Browser viewers on other origins (e.g. https://viewer.example.org), comma-separated; none by default.
+CORS_ALLOWED_ORIGINS = env.list("ISTHMUS_CORS_ALLOWED_ORIGINS", [])
+CORS_URLS_REGEX = r"^/(dicomweb|api)/.*$"
+CORS_EXPOSE_HEADERS = ["Warning", "Content-Location"]
+
+
+def _networks(name: str) -> list:
+    """CIDRs from a comma-separated variable; a bad one stops start-up."""
+    import ipaddress
+
+    networks = []
+    for cidr in env.list(name, []):
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            env.fail(name, cidr, "comma-separated networks such as 10.0.0.0/8,192.168.1.0/24")
+    return networks
+
+
+# Read (QIDO-RS, WADO-RS) without a token from these networks: only for a trusted network.
+DICOMWEB_OPEN_READ_NETWORKS = _networks("ISTHMUS_DICOMWEB_OPEN_READ_NETWORKS")
+
+
+def _jwt_key() -> str:
+    """ISTHMUS_JWT_PUBLIC_KEY: the identity provider's public key, as PEM text or a path to a PEM file."""
+    value = os.environ.get("ISTHMUS_JWT_PUBLIC_KEY", "").strip()
+    if not value or value.startswith("-----BEGIN"):
+        return value.replace("\\n", "\n")
+    try:
+        return Path(value).expanduser().read_text()
+    except OSError:
+        env.fail("ISTHMUS_JWT_PUBLIC_KEY", value, "a PEM public key or the path of a readable PEM file")
+        return ""
+
+
+JWT_PUBLIC_KEY = _jwt_key()
+JWT_ISSUER = env.str("ISTHMUS_JWT_ISSUER", "")
+JWT_AUDIENCE = env.str("ISTHMUS_JWT_AUDIENCE", "")
+JWT_ALGORITHMS = env.list("ISTHMUS_JWT_ALGORITHMS", ["RS256", "ES256"])
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Isthmus API",
+    "DESCRIPTION": "Nodes and worklist orders. DICOMweb is described by GET /dicomweb/ (capabilities).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["dicomweb.auth.ApiScope"],
+    "PREPROCESSING_HOOKS": ["dicomweb.capabilities.api_endpoints_only"],
+}
+
 # --- Celery ----------------------------------------------------------------
 QUEUE_DIR = DATA_DIR / "queue"
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or "filesystem://"
@@ -236,6 +305,10 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 # Every process (web, dimse, worker) writes its counters here; /metrics sums
 # them. Must be in the environment before prometheus_client is imported.
 PROMETHEUS_DIR = _ensure_dir(Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))))
+
+# --- Routing: operators' view ------------------------------------------------
+# /healthz reports "degraded" (still 200) when a destination's oldest pending job is older than this.
+ROUTING_BACKLOG_ALERT_SECONDS = env.float("ISTHMUS_ROUTING_BACKLOG_ALERT_SECONDS", 900.0, low=1.0)
 
 # --- Logging ---------------------------------------------------------------
 LOG_LEVEL = env.choice("ISTHMUS_LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()

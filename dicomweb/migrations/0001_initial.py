@@ -4,30 +4,39 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='ApiToken',
+            name="ApiToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='Who or what uses it: a viewer, a script...', max_length=64, unique=True)),
-                ('key_hash', models.CharField(editable=False, max_length=64, unique=True)),
-                ('prefix', models.CharField(editable=False, help_text='The first characters, to recognise it.', max_length=16)),
-                ('can_read', models.BooleanField(default=True, help_text='QIDO-RS and WADO-RS.', verbose_name='read scope')),
-                ('can_write', models.BooleanField(default=False, help_text='STOW-RS.', verbose_name='write scope')),
-                ('expires_at', models.DateTimeField(blank=True, null=True)),
-                ('revoked', models.BooleanField(default=False)),
-                ('last_used_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="Who or what uses it: a viewer, a script...", max_length=64, unique=True
+                    ),
+                ),
+                ("key_hash", models.CharField(editable=False, max_length=64, unique=True)),
+                (
+                    "prefix",
+                    models.CharField(editable=False, help_text="The first characters, to recognise it.", max_length=16),
+                ),
+                (
+                    "can_read",
+                    models.BooleanField(default=True, help_text="QIDO-RS and WADO-RS.", verbose_name="read scope"),
+                ),
+                ("can_write", models.BooleanField(default=False, help_text="STOW-RS.", verbose_name="write scope")),
+                ("expires_at", models.DateTimeField(blank=True, null=True)),
+                ("revoked", models.BooleanField(default=False)),
+                ("last_used_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'verbose_name': 'API token',
-                'ordering': ['name'],
+                "verbose_name": "API token",
+                "ordering": ["name"],
             },
         ),
     ]
