@@ -8,6 +8,7 @@ enforced while reading, so a client that lies about its length is still cut off.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Part:
     path: Path
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    digest: tuple[str, int] | None = None  # sha256 and size, hashed while spooled (store.save need not re-read)
 
 
 def media_type(header: str) -> tuple[str, dict[str, str]]:
@@ -73,6 +75,7 @@ class _Spooler:
         if len(self.parts) >= self.max_parts:
             raise TooLarge(f"more than {self.max_parts} parts")
         self._headers = {}
+        self._sha256, self._size = hashlib.sha256(), 0
         handle, name = tempfile.mkstemp(dir=self.directory, suffix=".stow")
         self._path = Path(name)
         self._file = os.fdopen(handle, "wb")
@@ -83,13 +86,16 @@ class _Spooler:
         self._value.clear()
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
-        self._file.write(memoryview(data)[start:end])  # no copy of the chunk
+        chunk = memoryview(data)[start:end]  # no copy of the chunk
+        self._sha256.update(chunk)
+        self._size += len(chunk)
+        self._file.write(chunk)
 
     def part_end(self) -> None:
         self._file.close()
         self._file = None
         content_type = media_type(self._headers.get("content-type", ""))[0]
-        self.parts.append(Part(self._path, content_type, self._headers))
+        self.parts.append(Part(self._path, content_type, self._headers, (self._sha256.hexdigest(), self._size)))
         self._path = None
 
     def end(self) -> None:

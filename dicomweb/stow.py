@@ -177,7 +177,9 @@ def _store_part(part: Part, answer: StowAnswer, *, calling_ae: str, study_uid: s
         answer.failed.append((sop_class, sop_instance, Status.CANNOT_UNDERSTAND))
         log.warning("STOW-RS part of type %s refused from %s", part.content_type[:60], calling_ae)
         return
-    result = store.save(source=part.path, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid)
+    result = store.save(
+        source=part.path, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid, digest=part.digest
+    )
     if not result.ok:
         answer.failed.append((sop_class, result.sop_instance_uid or sop_instance, result.status))
         answer.warnings.append(f"{result.sop_instance_uid or 'an instance'}: 0x{result.status:04X} {result.reason}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -91,6 +92,7 @@ def test_dicomweb_client_round_trip_stores_byte_identical_data_sets(live_server,
         row = Instance.objects.get(sop_instance_uid=dataset.SOPInstanceUID)
         assert (row.source, row.calling_ae) == ("stow", "uploader-with-a-")
         path = store.instance_path(row)
+        assert (row.sha256, row.size) == (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
         sent_bytes = encode(dataset)
         assert (
             path.read_bytes()[split_dataset(path)[1] :] == sent_bytes[split_dataset(_spill(tmp_path, sent_bytes))[1] :]
