@@ -3,7 +3,7 @@
     .venv/bin/python bench/dicomweb_bench.py [--studies 1000] [--per-study 100] [--orthanc-studies 100]
         [--slices 300] [--queries 50] [--repeat 3] [--quick] [--keep]
 
-Isthmus runs as in production on one host: gunicorn (2 workers) over the
+Isthmus runs as in production on one host: gunicorn (2 workers, 4 threads) over the
 embedded SQLite database in its own data dir, a bearer token on every request.
 Its index gets --studies x --per-study instances (two series per study),
 inserted in bulk through the ORM (no files: QIDO-RS reads only the index).
@@ -44,6 +44,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = ["--workers", "2", "--threads", "4"]  # as `manage.py run` starts the web process
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 STORESCU = "/usr/bin/storescu"
@@ -296,7 +297,8 @@ class Isthmus(Server):
     def start(self) -> None:
         log = open(self.base / "web.log", "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "gateway.wsgi", "--bind", f"127.0.0.1:{self.http}", "--workers", "2"],
+            # As `manage.py run` starts it: 2 workers of 4 threads (ISTHMUS_WEB_WORKERS defaults to 2).
+            [sys.executable, "-m", "gunicorn", "gateway.wsgi", "--bind", f"127.0.0.1:{self.http}", *GUNICORN],
             env=self.env(),
             cwd=ROOT,
             stdout=log,
