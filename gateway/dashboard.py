@@ -28,6 +28,7 @@ def summary() -> dict[str, Any]:
         ),
         "processes": processes(),
         "commitments": commitments(),
+        "routing": routing(),
     }
 
 
@@ -76,3 +77,10 @@ def commitments() -> dict[str, Any]:
         .only("transaction_uid", "calling_ae", "attempts", "next_attempt_at", "last_error", "received_at")[:MAX_REPORTS]
     )
     return {**counts, "oldest": list(pending)}
+
+
+def routing() -> list[Any]:
+    """Per-destination queue figures (routing.selectors, three queries), for the dashboard's queue table."""
+    from routing.selectors import destination_stats
+
+    return destination_stats()

@@ -83,11 +83,35 @@ CRITICAL = {
 INFORMATIONAL = {"worker": lambda: check_listener("worker"), "hl7": lambda: check_listener("hl7")}
 
 
+def check_routing_backlog() -> dict[str, Any]:
+    """Degraded, not failing: a destination whose oldest pending job waited past the alert threshold."""
+    from routing.selectors import overdue_backlogs
+
+    threshold = settings.ROUTING_BACKLOG_ALERT_SECONDS
+    try:
+        overdue = overdue_backlogs(threshold_seconds=threshold)
+    except Exception as exc:
+        connection.close()
+        return {"ok": False, "error": f"unknown, database unavailable: {_first_line(exc)}"}
+    result: dict[str, Any] = {"ok": not overdue, "threshold_seconds": threshold, "overdue": overdue}
+    if overdue:
+        names = ", ".join(entry["destination"] for entry in overdue)
+        result["error"] = f"backlog older than {threshold:g} s at: {names}"
+    return result
+
+
+# Flagged as "degraded" while the answer stays 200: nothing is down, but someone should look.
+DEGRADING = {"routing": check_routing_backlog}
+
+
 def run_checks() -> dict[str, Any]:
     checks = {name: check() for name, check in CRITICAL.items()}
     failing = [name for name, result in checks.items() if not result["ok"]]
     checks.update({name: check() for name, check in INFORMATIONAL.items()})
-    return {"status": "fail" if failing else "ok", "failing": failing, "checks": checks}
+    checks.update({name: check() for name, check in DEGRADING.items()})
+    degraded = [name for name in DEGRADING if not checks[name]["ok"]]
+    status = "fail" if failing else "degraded" if degraded else "ok"
+    return {"status": status, "failing": failing, "degraded": degraded, "checks": checks}
 
 
 def _writable(path: os.PathLike) -> bool:

@@ -30,6 +30,9 @@ def render() -> tuple[bytes, str]:
     """The text exposition of every process's metrics, and its content type."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    from routing.metrics import QueueCollector  # routing's queue gauges, read from the database at scrape time
+
+    registry.register(QueueCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

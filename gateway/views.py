@@ -12,7 +12,7 @@ from gateway.health import run_checks
 @never_cache
 def healthz(request: HttpRequest) -> JsonResponse:
     report = run_checks()
-    return JsonResponse(report, status=200 if report["status"] == "ok" else 503)
+    return JsonResponse(report, status=503 if report["status"] == "fail" else 200)  # "degraded" stays 200
 
 
 @never_cache

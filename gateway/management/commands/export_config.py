@@ -1,4 +1,4 @@
-"""`manage.py export_config [FILE]`: nodes (and later destinations, rules) as YAML."""
+"""`manage.py export_config [FILE]`: nodes, destinations and rules as YAML."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("file", nargs="?", help="output file (default: standard output)")
+        parser.add_argument(
+            "--include-secrets",
+            action="store_true",
+            help='write passwords, tokens and client secrets (otherwise "********", which import keeps as is)',
+        )
 
-    def handle(self, *args, file: str | None, **options) -> None:
-        text = export_config()
+    def handle(self, *args, file: str | None, include_secrets: bool, **options) -> None:
+        text = export_config(include_secrets=include_secrets)
         if file:
             with open(file, "w", encoding="utf-8") as handle:
                 handle.write(text)
