@@ -15,6 +15,9 @@ end early on work:
   written when the association thread queues a primitive to send.
 
 Both still return after the original 1 ms at most, so timers behave as before.
+The same stand-in closes a pynetdicom race in which the reactor takes the
+response a send_*() call on another thread is waiting for
+(_guard_reactor_reads).
 pynetdicom has no hook for this: the `time` module both modules use is
 replaced by a stand-in whose sleep() does the waiting (pinned to pynetdicom
 3.0.4; tests/gateway/test_dimse_reactor.py checks it).
@@ -46,10 +49,42 @@ def _sleep(seconds: float) -> None:
 
 def _association_wait(assoc: association.Association, timeout: float) -> None:
     """Until a DIMSE message is queued for this association, or `timeout`."""
+    if "get_msg" not in assoc.dimse.__dict__:
+        _guard_reactor_reads(assoc)
     messages = assoc.dimse.msg_queue
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(timeout)
+
+
+def on_reactor_thread(assoc: association.Association) -> bool:
+    return threading.current_thread() is assoc
+
+
+def _guard_reactor_reads(assoc: association.Association) -> None:
+    """Keep the reactor from taking a message meant for a send_*() call in progress on another thread.
+
+    pynetdicom's reactor passes its checkpoint, then reads the message queue
+    without blocking; a send_c_store() that cleared the checkpoint in between
+    (it saw the reactor's stale "paused" flag) has its response taken by the
+    reactor, which logs "unexpected C-STORE service message", and then waits
+    out its DIMSE timeout (seen when forwarding under load). A response can
+    only be queued after its request, so its sender cleared the checkpoint
+    before the response is in the queue: when the reactor sees a message and
+    then a cleared checkpoint, the message is left to the sender.
+    """
+    dimse = assoc.dimse
+    read = dimse.get_msg
+
+    def get_msg(block: bool = False):
+        if not block and on_reactor_thread(assoc):
+            with dimse.msg_queue.mutex:
+                waiting = bool(dimse.msg_queue.queue)
+            if not waiting or not assoc._reactor_checkpoint.is_set():
+                return None, None
+        return read(block)
+
+    dimse.get_msg = get_msg  # an instance attribute, read by the reactor loop on its next pass
 
 
 def _dul_wait(provider: dul.DULServiceProvider, timeout: float) -> None:

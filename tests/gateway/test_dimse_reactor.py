@@ -30,6 +30,7 @@ def test_a_served_association_is_woken_by_its_eventfd_and_gives_it_back(listener
         wake = served.dul._isthmus_wakeup
         assert os.fstat(wake)  # an open eventfd
         assert served.dul.to_provider_queue.put.__name__ == "put_and_wake"
+        assert served.dimse.get_msg.__name__ == "get_msg" and "get_msg" in served.dimse.__dict__  # the guarded read
     finally:
         assoc.release()
     deadline = time.monotonic() + 10
@@ -43,3 +44,23 @@ def test_a_served_association_is_woken_by_its_eventfd_and_gives_it_back(listener
     except OSError:
         closed = True
     assert closed, "the eventfd of a finished association must be closed"
+
+
+def test_the_reactor_leaves_a_response_to_the_send_call_that_cleared_its_checkpoint(listener, modality, monkeypatch):
+    """The pynetdicom race: a message queued while a send_*() holds the reactor is not the reactor's to take."""
+    scu = AE(ae_title="CT1")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", listener.port, ae_title="ISTHMUS")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000  # the requestor's reactor has run: its read is guarded
+        assert "get_msg" in assoc.dimse.__dict__
+        assoc._reactor_checkpoint.clear()  # what send_c_store() does before it sends; the real reactor now waits
+        assoc.dimse.msg_queue.put((1, "the response"))
+        monkeypatch.setattr(reactor, "on_reactor_thread", lambda _assoc: True)
+        assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's non-blocking read leaves it
+        assert assoc.dimse.get_msg(True) == (1, "the response")  # the sender's blocking read gets it
+    finally:
+        monkeypatch.undo()
+        assoc._reactor_checkpoint.set()
+        assoc.release()
