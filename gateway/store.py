@@ -9,6 +9,7 @@ points at (overwritten by the resend), never a row without its file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -38,11 +39,46 @@ CHUNK = 1 << 20
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros in a
 # component are invalid but sent by some devices; they are harmless in a path.
 UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
-# SQLite has one writer at a time. Threads of this process (one per association) queue for it
-# here, handed over at once, instead of in SQLite's busy handler, which retries after sleeps of
-# up to 100 ms: with 4 associations that wait was 40% of a C-STORE (bench/store_bench.py).
-# Other processes still meet the busy handler.
-_SQLITE_WRITER = threading.Lock()
+
+
+class _SqliteWriter:
+    """SQLite has one writer at a time: writers of every thread and process queue here, handed over at once.
+
+    Without it they meet in SQLite's busy handler, which retries after sleeps of
+    up to 100 ms: with 4 associations that wait was 40% of a C-STORE in one
+    process, and with two listener processes (a process per core) four
+    associations stored no faster than one (bench/store_bench.py). A thread lock
+    orders this process's threads; flock() on a file beside the database orders
+    the processes, opened once per process (a descriptor inherited across fork
+    would share its lock).
+    """
+
+    def __init__(self) -> None:
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._pid != os.getpid():
+                name = str(connection.settings_dict["NAME"])
+                lock = f"{name}.writer-lock" if "memory" not in name else str(settings.DATA_DIR / "sqlite.writer-lock")
+                self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_SQLITE_WRITER = _SqliteWriter()
 
 
 @dataclass(frozen=True)
