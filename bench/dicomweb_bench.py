@@ -25,7 +25,6 @@ The temp dir is made in $BENCH_TMPDIR if set.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,13 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from ports import free_port, wait_for_port  # bench/ is sys.path[0]
+from ports import free_port, isthmus_env, start_orthanc, wait_for_port  # bench/ is sys.path[0]
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = ["--workers", "2", "--threads", "4"]  # as `manage.py run` starts the web process
-ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 STORESCU = "/usr/bin/storescu"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.4242"
@@ -258,17 +256,7 @@ class Isthmus(Server):
         return f"http://127.0.0.1:{self.http}/dicomweb"
 
     def env(self) -> dict[str, str]:
-        env = {
-            key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
-        }
-        env.update(
-            ISTHMUS_DATA_DIR=str(self.base),
-            ISTHMUS_LOG_LEVEL="warning",
-            ISTHMUS_MIN_FREE_MB="0",
-            DJANGO_SETTINGS_MODULE="gateway.settings",
-            TCP_NODELAY="1",
-        )
-        return env
+        return isthmus_env(self.base, DJANGO_SETTINGS_MODULE="gateway.settings")
 
     def prepare(self, studies: int, per_study: int) -> float:
         """Migrate, bulk-load the index and issue a token; returns the load time in seconds."""
@@ -330,17 +318,7 @@ class Orthanc(Server):
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
-        (self.base / "orthanc.json").write_text(json.dumps(config, indent=2))
-        log = open(self.base / "orthanc.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(
-            [ORTHANC, str(self.base / "orthanc.json")],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            cwd=self.base,
-            stdout=log,
-            stderr=log,
-        )
-        wait_for_port(self.http, self.process)
-        wait_for_port(self.port, self.process)
+        self.process = start_orthanc(self.base, config, self.http, self.port)
 
     def load(self, folders: list[Path]) -> float:
         """storescu, one per folder, all at once; returns the wall time."""

@@ -50,13 +50,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ports import free_port, wait_for_port  # bench/ is sys.path[0]
+from ports import free_port, start_orthanc, wait_for_port  # bench/ is sys.path[0]
 from pydicom.uid import generate_uid
 from store_bench import image, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"
-ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CALLING = "BENCHSCU"
 PG_ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
@@ -148,17 +147,7 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", **extra.pop("DicomWeb", {})},
             **extra,
         }
-        (self.base / "orthanc.json").write_text(json.dumps(config, indent=2))
-        log = open(self.base / "orthanc.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(
-            [ORTHANC, str(self.base / "orthanc.json")],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            cwd=self.base,
-            stdout=log,
-            stderr=log,
-        )
-        wait_for_port(self.http_port, self.process)
-        wait_for_port(self.dicom_port, self.process)
+        self.process = start_orthanc(self.base, config, self.http_port, self.dicom_port)
 
     def get(self, path: str) -> dict | list:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as answer:

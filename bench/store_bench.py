@@ -39,13 +39,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ports import free_port, wait_for_port  # bench/ is sys.path[0]
+from ports import free_port, isthmus_env, start_orthanc, wait_for_port  # bench/ is sys.path[0]
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"
-ORTHANC = "/usr/sbin/Orthanc"
 MB = 1 << 20
 SIZES = {"CT 0.5 MB": 512, "8 KB": 56}  # rows = columns, 16 bit
 CALLING = "BENCHSCU"
@@ -158,17 +157,7 @@ class Server:
 
 class Isthmus(Server):
     def env(self) -> dict[str, str]:
-        env = {
-            key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
-        }
-        env.update(
-            ISTHMUS_DATA_DIR=str(self.base),
-            ISTHMUS_REQUIRE_KNOWN_AE="false",
-            ISTHMUS_LOG_LEVEL="warning",
-            ISTHMUS_MIN_FREE_MB="0",
-            TCP_NODELAY="1",
-        )
-        return env
+        return isthmus_env(self.base, ISTHMUS_REQUIRE_KNOWN_AE="false")
 
     def start(self) -> None:
         manage = [sys.executable, str(ROOT / "manage.py")]
@@ -223,17 +212,7 @@ class Orthanc(Server):
             "AuthenticationEnabled": False,
             "Plugins": [],
         }
-        (self.base / "orthanc.json").write_text(json.dumps(config, indent=2))
-        log = open(self.base / "orthanc.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(
-            [ORTHANC, str(self.base / "orthanc.json")],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            cwd=self.base,
-            stdout=log,
-            stderr=log,
-        )
-        wait_for_port(self.http, self.process)
-        wait_for_port(self.port, self.process)
+        self.process = start_orthanc(self.base, config, self.http, self.port)
 
     def count(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/statistics", timeout=30) as answer:

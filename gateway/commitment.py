@@ -21,11 +21,11 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 from gateway import services
-from gateway.dimse.sockets import set_nodelay
+from gateway.dimse import outgoing
 from gateway.models import CommitmentRequest, Instance, Node
 from gateway.store import instance_path
 from routing.models import ForwardJob
@@ -358,21 +358,19 @@ def report_destination(commitment: CommitmentRequest) -> Node:
 
 def send_report(*, host: str, port: int, ae_title: str, event_type: int, info: Dataset) -> None:
     """Open an association as Storage Commitment SCP and send one N-EVENT-REPORT; raise DeliveryError."""
-    ae = AE(ae_title=settings.AE_TITLE)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    timeout = settings.DIMSE_TIMEOUT
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     # PS3.4 J.3.3.1.2 note 1: the requester defaults to the SCU role, so we propose the SCP role.
     role = build_role(StorageCommitmentPushModel, scp_role=True)
     try:
-        assoc = ae.associate(
-            host, port, ae_title=ae_title, ext_neg=[role], evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+        assoc = outgoing.associate(
+            host=host,
+            port=port,
+            ae_title=ae_title,
+            abstract_syntaxes=[StorageCommitmentPushModel],
+            timeout=settings.DIMSE_TIMEOUT,
+            ext_neg=[role],
         )
-    except (OSError, ValueError) as exc:
-        raise DeliveryError(f"cannot connect to {ae_title}@{host}:{port}: {exc}") from exc
-    if not assoc.is_established:
-        outcome = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise DeliveryError(f"association with {ae_title}@{host}:{port} {outcome} (peer down or refusing)")
+    except outgoing.NotAssociated as exc:
+        raise DeliveryError(str(exc)) from exc
     try:
         status, _ = assoc.send_n_event_report(
             info, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance

@@ -15,11 +15,10 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
 from gateway import services
-from gateway.dimse.sockets import set_nodelay
+from gateway.dimse import outgoing
 from worklist.models import MppsRelay
 
 log = logging.getLogger("isthmus.mpps")
@@ -152,18 +151,17 @@ def send(relay: MppsRelay) -> None:
     dataset = Dataset.from_json(relay.attributes)
     if "SpecificCharacterSet" not in dataset:
         dataset.SpecificCharacterSet = "ISO_IR 192"  # the values are Unicode; say how they are written
-    ae = AE(ae_title=settings.AE_TITLE)
-    ae.add_requested_context(ModalityPerformedProcedureStep)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.DIMSE_TIMEOUT
     where = f"{node.ae_title}@{node.host}:{node.port}"
     try:
-        assoc = ae.associate(
-            node.host, node.port, ae_title=node.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+        assoc = outgoing.associate(
+            host=node.host,
+            port=node.port,
+            ae_title=node.ae_title,
+            abstract_syntaxes=[ModalityPerformedProcedureStep],
+            timeout=settings.DIMSE_TIMEOUT,
         )
-    except (OSError, ValueError) as exc:
-        raise RelayError(f"cannot connect to {where}: {exc}") from exc
-    if not assoc.is_established:
-        raise RelayError(f"association with {where} not established (peer down or refusing)")
+    except outgoing.NotAssociated as exc:
+        raise RelayError(str(exc)) from exc
     uid = relay.performed_step.sop_instance_uid
     try:
         if relay.operation == "create":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from django.conf import settings
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -13,10 +12,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext, build_context
 
-from gateway.dimse.sockets import set_nodelay
+from gateway.dimse import outgoing
 from routing.delivery import DEAD, RETRY, DeliveryError, Item, Result, dicom_status_outcome
 from routing.models import Destination
 from routing.ratelimit import Pacer
@@ -53,21 +52,20 @@ def send_batch(destination: Destination, items: list[Item], report: Callable[[Re
         raise DeliveryError("the destination has no node", permanent=True)
     if not (node.enabled and node.allowed_out and node.host):
         raise DeliveryError(f"node {node.name} is disabled, not allowed out, or has no host")
-    ae = AE(ae_title=settings.AE_TITLE)
-    ae.requested_contexts = contexts_for(items)
-    proposed = {(ctx.abstract_syntax, syntax) for ctx in ae.requested_contexts for syntax in ctx.transfer_syntax}
-    ae.connection_timeout = destination.connect_timeout
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.read_timeout
+    contexts = contexts_for(items)
+    proposed = {(ctx.abstract_syntax, syntax) for ctx in contexts for syntax in ctx.transfer_syntax}
     where = f"{node.ae_title}@{node.host}:{node.port}"
     try:
-        assoc = ae.associate(
-            node.host, node.port, ae_title=node.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+        assoc = outgoing.associate(
+            host=node.host,
+            port=node.port,
+            ae_title=node.ae_title,
+            contexts=contexts,
+            timeout=destination.read_timeout,
+            connect_timeout=destination.connect_timeout,
         )
-    except (OSError, ValueError) as exc:
-        raise DeliveryError(f"cannot connect to {where}: {exc}") from exc
-    if not assoc.is_established:
-        outcome = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise DeliveryError(f"association with {where} {outcome} (peer down, refusing or unreachable)")
+    except outgoing.NotAssociated as exc:
+        raise DeliveryError(str(exc)) from exc
     try:
         accepted = {(ctx.abstract_syntax, ctx.transfer_syntax[0]) for ctx in assoc.accepted_contexts}
         for message_id, item in enumerate(items, 1):
