@@ -140,6 +140,18 @@ def stored_files(root: Path) -> list[Path]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    """Files in the temp area other than the per-process lock files."""
+    """Files in the temp area other than the per-process lock files.
+
+    A listener may be creating its process folder (made under a temporary name,
+    then renamed) while this walks the tree: a folder that vanishes mid-walk
+    means walking again.
+    """
     base = root / ".tmp"
-    return [path for path in base.rglob("*") if path.is_file() and path.name != ".lock"] if base.exists() else []
+    for _attempt in range(10):
+        try:
+            return (
+                [path for path in base.rglob("*") if path.is_file() and path.name != ".lock"] if base.exists() else []
+            )
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"{base} kept changing while it was listed")
