@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 )
 
 from gateway import metrics, qr, store
+from gateway.dimse import reactor
 from gateway.dimse.handlers import allowed
 from gateway.dimse.sockets import set_nodelay
 from gateway.dimse.status import Status
@@ -122,6 +123,7 @@ def handle_find(event: evt.Event) -> Iterator[tuple]:
     # PS3.4 C.4.1.1.4: FF01 tells the SCU some of its optional keys were not supported.
     pending = Status.PENDING_WARNING_OPTIONAL_KEYS if query.unsupported else Status.PENDING
     for row in rows:
+        reactor.let_the_peer_speak(event.assoc)
         if event.is_cancelled:
             _count("find", Status.CANCEL)
             yield Status.CANCEL, None

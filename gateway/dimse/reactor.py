@@ -17,8 +17,8 @@ end early on work:
 Both still return after the original 1 ms at most, so timers behave as before.
 The same stand-in closes a pynetdicom race in which the reactor takes the
 response a send_*() call on another thread is waiting for
-(_guard_reactor_reads), and lets the DUL read a peer's C-CANCEL while it
-still has answers queued to send (_read_before_sending).
+(_guard_reactor_reads); C-FIND handlers call let_the_peer_speak() so that a
+peer's C-CANCEL is read while answers are still queued.
 pynetdicom has no hook for this: the `time` module both modules use is
 replaced by a stand-in whose sleep() does the waiting (pinned to pynetdicom
 3.0.4; tests/gateway/test_dimse_reactor.py checks it).
@@ -124,34 +124,31 @@ def _wakeup_fd(provider: dul.DULServiceProvider) -> int | None:
             pass
 
     outgoing.put = put_and_wake  # an instance attribute: items already queued are unaffected
-    _read_before_sending(provider)
     provider._isthmus_wakeup = wake
     return wake
 
 
-def _read_before_sending(provider: dul.DULServiceProvider) -> None:
-    """Let the DUL read what the peer sent before it sends the next queued PDU.
+def let_the_peer_speak(assoc: association.Association, limit: float = 0.05) -> None:
+    """Between C-FIND answers: if the peer has sent something (a C-CANCEL), let the DUL read it.
 
-    pynetdicom's loop sends a queued primitive *or* reads the socket, and
-    sends first; while a C-FIND handler keeps the send queue full, a C-CANCEL
-    (or an A-ABORT) from the peer is read only after the last answer went
-    out. Reporting "nothing to send" while the socket is readable makes the
-    loop read first; the queued PDU goes out on the next pass.
+    pynetdicom's DUL sends every queued PDU before it reads the socket, so a
+    handler that keeps yielding answers keeps a C-CANCEL unread until the last
+    answer is out. When the socket has data, pause (at most `limit`) until the
+    send queue is empty, then one loop of the DUL reads what the peer sent.
     """
-    send_next = provider._process_recv_primitive
-
-    def process_recv_primitive() -> bool:
-        sock = getattr(provider.socket, "socket", None)
-        if sock is not None:
-            try:
-                readable, _, _ = select.select([sock], [], [], 0)
-            except (OSError, ValueError):  # closing: pynetdicom's own checks deal with it
-                readable = []
-            if readable:
-                return False
-        return send_next()
-
-    provider._process_recv_primitive = process_recv_primitive
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is None:
+        return
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return
+    if not readable:
+        return
+    deadline = time.monotonic() + limit
+    while assoc.dul.to_provider_queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    time.sleep(0.002)
 
 
 _clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})

@@ -11,6 +11,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from gateway import metrics
+from gateway.dimse import reactor
 from gateway.dimse.handlers import allowed
 from gateway.dimse.status import Status
 from worklist import selectors
@@ -59,6 +60,7 @@ def handle_find(event: evt.Event) -> Iterator[tuple]:
     # PS3.4 C.4.1.1.4: FF01 tells the SCU some of its optional keys were not supported.
     pending = Status.PENDING_WARNING_OPTIONAL_KEYS if query.unsupported else Status.PENDING
     for row in rows:
+        reactor.let_the_peer_speak(event.assoc)
         if event.is_cancelled:
             _count(Status.CANCEL)
             yield Status.CANCEL, None
