@@ -142,7 +142,6 @@ def write_jobs(instance: Instance, received: Received) -> int:
 # --- Doorbells ---------------------------------------------------------------------------
 # A study arrives as many instances in a burst; one doorbell per (destination, study) per
 # window is enough, as long as one more rings after the last commit of the burst (trailing edge).
-RING_WINDOW = 0.5
 _rung: dict[tuple[int, str], float] = {}
 _trailing: set[tuple[int, str]] = set()
 _ring_lock = threading.Lock()
@@ -156,14 +155,15 @@ def ring(destination_id: int, study_uid: str) -> None:
         if len(_rung) > 10_000:
             _rung.clear()
         elapsed = now - _rung.get(key, float("-inf"))
-        if elapsed >= RING_WINDOW:
+        window = settings.ROUTING_RING_WINDOW_SECONDS
+        if elapsed >= window:
             _rung[key] = now
             delay = None
         elif key in _trailing:
             return
         else:
             _trailing.add(key)
-            delay = RING_WINDOW - elapsed
+            delay = window - elapsed
     if delay is None:
         _send(destination_id, study_uid)
         return

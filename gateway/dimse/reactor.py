@@ -58,10 +58,6 @@ def _association_wait(assoc: association.Association, timeout: float) -> None:
             messages.not_empty.wait(timeout)
 
 
-def on_reactor_thread(assoc: association.Association) -> bool:
-    return threading.current_thread() is assoc
-
-
 def _guard_reactor_reads(assoc: association.Association) -> None:
     """Keep the reactor from taking a message meant for a send_*() call in progress on another thread.
 
@@ -78,7 +74,7 @@ def _guard_reactor_reads(assoc: association.Association) -> None:
     read = dimse.get_msg
 
     def get_msg(block: bool = False):
-        if not block and on_reactor_thread(assoc):
+        if not block:  # only the reactor loop reads without blocking; every send_*() blocks
             with dimse.msg_queue.mutex:
                 waiting = bool(dimse.msg_queue.queue)
             if not waiting or not assoc._reactor_checkpoint.is_set():

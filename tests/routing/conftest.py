@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from gateway.celery import app as celery_app
 from gateway.models import Node
 from routing import outbox, services
 from routing.models import Destination, ForwardJob, Rule
@@ -21,14 +22,52 @@ def storage(settings, tmp_path) -> Path:
     return settings.STORAGE_DIR
 
 
+class Doorbells:
+    """The delivery messages the outbox sent, read back from the real broker (no worker consumes them here)."""
+
+    TASK = "routing.tasks.deliver"
+
+    def __init__(self) -> None:
+        self._rung: list[tuple[int, str]] = []
+
+    def _queue(self, connection):
+        return connection.SimpleQueue(celery_app.conf.task_default_queue)
+
+    def rung(self, wait: float = 0.0) -> list[tuple[int, str]]:
+        """(destination id, study UID) of every deliver message so far, oldest first."""
+        deadline = time.monotonic() + wait
+        with celery_app.connection_for_read() as connection:
+            queue = self._queue(connection)
+            try:
+                while True:
+                    try:
+                        message = queue.get(block=False)
+                    except queue.Empty:
+                        if time.monotonic() >= deadline:
+                            break
+                        time.sleep(0.05)
+                        continue
+                    message.ack()
+                    if message.headers.get("task") == self.TASK:
+                        args = message.payload[0]
+                        self._rung.append((args[0], args[1]))
+            finally:
+                queue.close()
+        return list(self._rung)
+
+    def clear(self) -> None:
+        self.rung()
+        self._rung.clear()
+
+
 @pytest.fixture
-def rings(monkeypatch, transactional_db) -> list[tuple[int, str]]:
-    """Doorbells recorded instead of sent: in-process tests drive deliveries with drain()."""
-    rung: list[tuple[int, str]] = []
-    monkeypatch.setattr(outbox, "_send", lambda destination_id, study_uid: rung.append((destination_id, study_uid)))
-    monkeypatch.setattr(outbox, "RING_WINDOW", 0.0)
+def rings(settings, transactional_db) -> Iterator[Doorbells]:
+    """Doorbells as sent to the broker (every one: no debounce window); tests drive deliveries with drain()."""
+    settings.ROUTING_RING_WINDOW_SECONDS = 0.0
+    doorbells = Doorbells()
+    doorbells.clear()  # messages left by earlier tests
     outbox.invalidate()
-    yield rung
+    yield doorbells
     outbox.invalidate()
 
 

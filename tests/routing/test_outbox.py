@@ -41,7 +41,7 @@ def test_acknowledged_instances_already_have_their_jobs(storage, modality, liste
     job = ForwardJob.objects.filter(instance__sop_instance_uid=sop_uid_of(ct)).first()
     assert job.study_instance_uid == study and job.size == Instance.objects.get(pk=job.instance_id).size
     # One doorbell per (destination, study) commit, rung after the commit.
-    assert set(rings) == {(ct_pacs.pk, study), (mr_pacs.pk, study), (archive.pk, study)}
+    assert set(rings.rung()) == {(ct_pacs.pk, study), (mr_pacs.pk, study), (archive.pk, study)}
 
 
 def test_conditions_on_attributes_the_index_does_not_read(storage, modality, listener, rings, tmp_path):
