@@ -445,6 +445,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument(
+        "--only", action="append", choices=["qido", "stow", "wado"], help="measure only these (repeatable; all)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.studies, args.per_study, args.orthanc_studies, args.slices, args.queries = 100, 20, None, 40, 10
@@ -475,9 +478,10 @@ def run(args, work: Path, isthmus: Isthmus, orthanc: Orthanc, load_before) -> No
     print(f"  Isthmus: {isthmus.instances} instances indexed in bulk in {index_s:.1f} s")
     print(f"  Orthanc: {orthanc.instances} instances stored by storescu in {orthanc_s:.1f} s")
 
-    rows = qido_rows(args, isthmus, orthanc)
-    rows += stow_rows(args, work, isthmus, orthanc)
-    rows.append(wado_row(args, isthmus, orthanc))
+    only = set(args.only or ["qido", "stow", "wado"])
+    rows = qido_rows(args, isthmus, orthanc) if "qido" in only else []
+    rows += stow_rows(args, work, isthmus, orthanc) if "stow" in only else []
+    rows += [wado_row(args, isthmus, orthanc)] if "wado" in only else []
     print()
     print(
         f"| measure | Isthmus ({isthmus.instances} indexed) | Orthanc ({orthanc.instances} stored) | Isthmus faster by |"

@@ -74,6 +74,14 @@ def target_syntax(stored: str, acceptable: list[str]) -> str | None:
     return None
 
 
+def file_size(path: Path) -> int | None:
+    """The stored file's size, None when it is missing (indexed, but its file is gone)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
 def file_chunks(path: Path) -> Iterator[bytes]:
     """The file's bytes, CHUNK at a time, opened only when the response body reaches it."""
     with path.open("rb") as source:
@@ -94,8 +102,8 @@ def transcoded_chunks(path: Path, syntax: str) -> Iterator[bytes]:
         yield bytes(view[start : start + CHUNK])
 
 
-def instance_chunks(instance: Instance, syntax: str) -> Iterator[bytes]:
-    path = store.instance_path(instance)
+def instance_chunks(instance: Instance, syntax: str, path: Path) -> Iterator[bytes]:
+    """The instance's file (`path`, from store.instance_path) as stored, or transcoded to `syntax`."""
     if syntax == instance.transfer_syntax_uid:
         return file_chunks(path)
     return transcoded_chunks(path, syntax)

@@ -19,10 +19,15 @@ THUMBNAIL_SIZE = (128, 128)
 
 
 def _multipart_response(parts, part_type: str) -> StreamingHttpResponse:
+    """Streamed; with a Content-Length when `parts` is a list whose sizes are all known."""
     boundary = multipart.new_boundary()
-    return StreamingHttpResponse(
+    response = StreamingHttpResponse(
         multipart.stream(parts, boundary), content_type=multipart.content_type(part_type, boundary)
     )
+    size = multipart.length(parts, boundary) if isinstance(parts, list) else None
+    if size is not None:
+        response["Content-Length"] = str(size)
+    return response
 
 
 class WadoView(DicomWebView):
@@ -45,21 +50,26 @@ class Retrieve(WadoView):
         syntaxes = accept.dicom_syntaxes(accept.parse_accept(request.headers.get("Accept")))
         if syntaxes is None:
             return problem(406, 'instances are served as multipart/related; type="application/dicom"')
-        plan, missing = [], 0
+        parts, missing = [], 0
         for row in retrieve.instances(study, series, instance):
-            if not store.instance_path(row).is_file():
+            path = store.instance_path(row)
+            size = retrieve.file_size(path)
+            if size is None:
                 missing += 1
                 continue
             syntax = retrieve.target_syntax(row.transfer_syntax_uid, syntaxes)
             if syntax is None:
                 return problem(406, f"{row.sop_instance_uid} is stored as {row.transfer_syntax_uid}; accept it or '*'")
-            plan.append((row, syntax))
-        if not plan:
+            sent_as_stored = syntax == row.transfer_syntax_uid
+            parts.append(
+                multipart.Part(
+                    f"{DICOM}; transfer-syntax={syntax}",
+                    retrieve.instance_chunks(row, syntax, path),
+                    size=size if sent_as_stored else None,
+                )
+            )
+        if not parts:
             return problem(404, "the instances' files are missing")
-        parts = (
-            multipart.Part(f"{DICOM}; transfer-syntax={syntax}", retrieve.instance_chunks(row, syntax))
-            for row, syntax in plan
-        )
         warnings = [f"{missing} instance(s) are indexed but their files are missing"] if missing else []
         return add_warnings(_multipart_response(parts, DICOM), warnings)
 

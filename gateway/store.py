@@ -10,6 +10,7 @@ points at (overwritten by the resend), never a row without its file.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -150,15 +151,24 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str, suffix: str = "
     return f"{study_uid}/{series_uid}/{sop_uid}{suffix}.dcm"
 
 
+@functools.lru_cache(maxsize=8)
+def _resolved_root(root: str) -> Path:
+    return Path(root).resolve()
+
+
 def instance_path(instance: Instance) -> Path:
     """The file of an indexed instance (for WADO, C-MOVE, C-GET); never outside the root."""
     return stored_file(instance.path)
 
 
 def stored_file(relative: str) -> Path:
-    """A path from the index (Instance.path) made absolute; never outside the root."""
-    root = storage_root().resolve()
-    path = (root / relative).resolve()
+    """A path from the index (Instance.path) made absolute; never outside the root.
+
+    Checked lexically (no "..", not absolute), with no system call: WADO-RS and C-MOVE
+    ask this for every instance they send. The store never makes symlinks.
+    """
+    root = _resolved_root(str(settings.STORAGE_DIR))
+    path = Path(os.path.normpath(root / relative))
     if not path.is_relative_to(root) or path == root:
         raise ValueError(f"index path {relative!r} is outside the storage root")
     return path
