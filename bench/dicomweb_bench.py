@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from ports import free_port, isthmus_env, start_orthanc, wait_for_port  # bench/ is sys.path[0]
+from ports import cpu_seconds, free_port, isthmus_env, start_orthanc, wait_for_port  # bench/ is sys.path[0]
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -441,6 +441,7 @@ def main() -> None:
     parser.add_argument("--per-study", type=int, default=100)
     parser.add_argument("--orthanc-studies", type=int, default=None, help="how many of them Orthanc gets (all)")
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--stow-clients", default="1,4", help="the STOW-RS cells: concurrent clients, comma-separated")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -510,15 +511,23 @@ def qido_rows(args, isthmus: Isthmus, orthanc: Orthanc) -> list[tuple[str, ...]]
 def stow_rows(args, work: Path, isthmus: Isthmus, orthanc: Orthanc) -> list[tuple[str, ...]]:
     """Each cell --repeat times with a new study each time (no duplicates), the server going first alternating."""
     rows = []
-    for clients in (1, 4):
+    for clients in [int(number) for number in args.stow_clients.split(",")]:
         rates: dict[str, list[float]] = {"Isthmus": [], "Orthanc": []}
+        cpu: dict[str, float] = {"Isthmus": 0.0, "Orthanc": 0.0}
         for attempt in range(args.repeat):
             _study, bodies = write_stow_bodies(work / f"stow{clients}-{attempt}", args.slices, 2)
             order = (isthmus, orthanc) if attempt % 2 == 0 else (orthanc, isthmus)
             for server in order:
+                before = cpu_seconds(server.process.pid)
                 rates[server.name].append(args.slices / stow(server, bodies, clients))
+                cpu[server.name] += cpu_seconds(server.process.pid) - before
             shutil.rmtree(bodies[0].parent)
         isthmus_rate, orthanc_rate = statistics.median(rates["Isthmus"]), statistics.median(rates["Orthanc"])
+        per_instance = {name: seconds * 1000 / (args.slices * args.repeat) for name, seconds in cpu.items()}
+        print(
+            f"  STOW-RS {clients} client(s): server CPU per instance, Isthmus {per_instance['Isthmus']:.2f} ms,"
+            f" Orthanc {per_instance['Orthanc']:.2f} ms"
+        )
         rows.append(
             (f"STOW-RS {clients} client(s), instances/s", f"{isthmus_rate:.1f}", f"{orthanc_rate:.1f}",
              f"{isthmus_rate / orthanc_rate:.2f}x")

@@ -56,3 +56,24 @@ def isthmus_env(base: Path, **settings: str) -> dict[str, str]:
         ISTHMUS_DATA_DIR=str(base), ISTHMUS_LOG_LEVEL="warning", ISTHMUS_MIN_FREE_MB="0", TCP_NODELAY="1", **settings
     )
     return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants (gunicorn's workers, Orthanc's threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, family = 0.0, {pid}
+    for child, (parent, _seconds) in sorted(stats.items()):
+        if parent in family:
+            family.add(child)
+    for member in family:
+        total += stats.get(member, (0, 0.0))[1]
+    return total

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +39,7 @@ class Part:
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
     digest: tuple[str, int] | None = None  # sha256 and size, hashed while spooled (store.save need not re-read)
+    synced: Future | None = None  # its fsync, started once it was whole
 
 
 def media_type(header: str) -> tuple[str, dict[str, str]]:
@@ -50,8 +53,9 @@ def media_type(header: str) -> tuple[str, dict[str, str]]:
 class _Spooler:
     """Parser callbacks: one temp file per part, headers collected, caps checked as parts begin."""
 
-    def __init__(self, directory: Path, max_parts: int) -> None:
+    def __init__(self, directory: Path, max_parts: int, sync: Callable[[Path], Future] | None) -> None:
         self.directory, self.max_parts = directory, max_parts
+        self.sync = sync or (lambda _path: None)
         self.parts: list[Part] = []
         self.ended = False
         self._file: BinaryIO | None = None
@@ -95,7 +99,8 @@ class _Spooler:
         self._file.close()
         self._file = None
         content_type = media_type(self._headers.get("content-type", ""))[0]
-        self.parts.append(Part(self._path, content_type, self._headers, (self._sha256.hexdigest(), self._size)))
+        digest = (self._sha256.hexdigest(), self._size)
+        self.parts.append(Part(self._path, content_type, self._headers, digest, self.sync(self._path)))
         self._path = None
 
     def end(self) -> None:
@@ -109,12 +114,21 @@ class _Spooler:
         self.parts = []
 
 
-def spool_parts(stream: BinaryIO, boundary: str, *, directory: Path, max_bytes: int, max_parts: int) -> list[Part]:
+def spool_parts(
+    stream: BinaryIO,
+    boundary: str,
+    *,
+    directory: Path,
+    max_bytes: int,
+    max_parts: int,
+    sync: Callable[[Path], Future] | None = None,
+) -> list[Part]:
     """Read a multipart body to its closing boundary; returns its parts, each in a temp file in `directory`.
 
+    `sync(path)` is called as each part's file is complete (store.sync_soon starts its fsync).
     Raises BadBody or TooLarge (or OSError when a temp file cannot be written); then no temp file is left behind.
     """
-    spooler = _Spooler(directory, max_parts)
+    spooler = _Spooler(directory, max_parts, sync)
     try:
         parser = MultipartParser(boundary.encode("latin-1"), spooler.callbacks())
         total = 0

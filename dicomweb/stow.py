@@ -2,7 +2,7 @@
 
 The body is spooled part by part into the store's temp area (never held in
 memory) and checked whole before anything is stored: a malformed or oversized
-body stores nothing. Each part then goes through gateway.store.save(), so
+body stores nothing. The parts then go through gateway.store.save_many(), so
 durability, the duplicate policy and routing jobs are those of C-STORE.
 
 Answers (PS3.18 10.5.3): 200 all stored; 202 some failed; 409 none stored;
@@ -118,7 +118,14 @@ def read_body(stream: BinaryIO, content_type: str, *, length: int | None, max_by
         if mime == DICOM:  # a bare single instance, as some clients send
             boundary = uuid.uuid4().hex
             framed = _SinglePart(stream, boundary)
-            return spool_parts(framed, boundary, directory=store.temp_dir(), max_bytes=max_bytes + 128, max_parts=1)
+            return spool_parts(
+                framed,
+                boundary,
+                directory=store.temp_dir(),
+                max_bytes=max_bytes + 128,
+                max_parts=1,
+                sync=store.sync_soon,
+            )
         if mime != "multipart/related":
             raise StowRefused(415, f"expected multipart/related; type={DICOM}, not {mime or 'nothing'}")
         if params.get("type", DICOM).lower() != DICOM:
@@ -126,7 +133,12 @@ def read_body(stream: BinaryIO, content_type: str, *, length: int | None, max_by
         if not params.get("boundary"):
             raise StowRefused(400, "the multipart/related content type has no boundary")
         return spool_parts(
-            stream, params["boundary"], directory=store.temp_dir(), max_bytes=max_bytes, max_parts=max_parts
+            stream,
+            params["boundary"],
+            directory=store.temp_dir(),
+            max_bytes=max_bytes,
+            max_parts=max_parts,
+            sync=store.sync_soon,
         )
     except BadBody as exc:
         raise StowRefused(400, str(exc)) from exc
@@ -157,36 +169,33 @@ class _SinglePart:
 
 
 def store_parts(parts: list[Part], *, calling_ae: str, study_uid: str | None) -> StowAnswer:
-    """Store each spooled part with store.save(); every temp file is consumed or removed."""
+    """Store the spooled parts with store.save_many() (one index transaction); every temp file is consumed."""
     answer = StowAnswer()
     try:
-        for index, part in enumerate(parts):
-            _store_part(part, answer, calling_ae=calling_ae, study_uid=study_uid)
-            parts[index] = None
+        dicom = []
+        for part in parts:
+            sop_class, sop_instance = announced_uids(part.path)
+            if part.content_type in ("", DICOM):
+                dicom.append((sop_class, sop_instance))
+                continue
+            answer.failed.append((sop_class, sop_instance, Status.CANNOT_UNDERSTAND))
+            log.warning("STOW-RS part of type %s refused from %s", part.content_type[:60], calling_ae)
+        sources = [
+            store.Spooled(part.path, part.digest, part.synced) for part in parts if part.content_type in ("", DICOM)
+        ]
+        results = store.save_many(sources, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid)
     finally:
         for part in parts:
-            if part is not None:
-                part.path.unlink(missing_ok=True)
+            part.path.unlink(missing_ok=True)  # stored ones were renamed away
+    for (sop_class, sop_instance), result in zip(dicom, results, strict=True):
+        if not result.ok:
+            answer.failed.append((sop_class, result.sop_instance_uid or sop_instance, result.status))
+            answer.warnings.append(f"{result.sop_instance_uid or 'an instance'}: 0x{result.status:04X} {result.reason}")
+            continue
+        if result.outcome == "kept-first":
+            answer.warnings.append(f"{result.sop_instance_uid}: {result.reason}")
+        answer.stored.append((sop_class, result.sop_instance_uid))
     return answer
-
-
-def _store_part(part: Part, answer: StowAnswer, *, calling_ae: str, study_uid: str | None) -> None:
-    sop_class, sop_instance = announced_uids(part.path)
-    if part.content_type not in ("", DICOM):
-        part.path.unlink(missing_ok=True)
-        answer.failed.append((sop_class, sop_instance, Status.CANNOT_UNDERSTAND))
-        log.warning("STOW-RS part of type %s refused from %s", part.content_type[:60], calling_ae)
-        return
-    result = store.save(
-        source=part.path, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid, digest=part.digest
-    )
-    if not result.ok:
-        answer.failed.append((sop_class, result.sop_instance_uid or sop_instance, result.status))
-        answer.warnings.append(f"{result.sop_instance_uid or 'an instance'}: 0x{result.status:04X} {result.reason}")
-        return
-    if result.outcome == "kept-first":
-        answer.warnings.append(f"{result.sop_instance_uid}: {result.reason}")
-    answer.stored.append((sop_class, result.sop_instance_uid))
 
 
 def announced_uids(path: Path) -> tuple[str, str]:

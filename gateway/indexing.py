@@ -9,10 +9,12 @@ create it once.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
 from django.db import IntegrityError, connection, transaction
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -55,8 +57,35 @@ KEYWORDS = (
 HEADER_TAGS = tuple(tag_for_keyword(keyword) for keyword in KEYWORDS)
 
 
+# Values read straight from a raw element's bytes when they need no decoding: these VRs hold text
+# whose ASCII bytes decode the same under every character set (PS3.5 6.1), unless an escape starts ISO 2022.
+_PLAIN_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM", "UI"})
+
+
+@functools.lru_cache(maxsize=256)
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    return tag, dictionary_VR(tag)
+
+
+def _raw(dataset: Dataset, keyword: str) -> tuple[bytes, str, RawDataElement] | None:
+    """(value bytes, VR, element) while the element is still as read from the file; None otherwise."""
+    tag, vr = _tag_and_vr(keyword)
+    element = dataset.get_item(tag)
+    if not isinstance(element, RawDataElement) or not isinstance(element.value, bytes):
+        return None
+    return element.value, element.VR or vr, element
+
+
 def text(dataset: Dataset, keyword: str, limit: int) -> str:
-    """An attribute as the index stores it: a DICOM string, multi-values joined by '\\', cut to fit."""
+    """An attribute as the index stores it: a DICOM string, multi-values joined by '\\', cut to fit.
+
+    Plain ASCII text is taken from the raw bytes (what pydicom would make of them, without its
+    per-element conversion, which costs more than the rest of indexing an instance).
+    """
+    raw = _raw(dataset, keyword)
+    if raw is not None and raw[1] in _PLAIN_TEXT_VRS and raw[0].isascii() and b"\x1b" not in raw[0]:
+        return raw[0].decode("ascii").strip("\0 ")[:limit]
     try:
         value = dataset.get(keyword)
     except Exception:  # a malformed value must not stop indexing the rest
@@ -69,7 +98,16 @@ def text(dataset: Dataset, keyword: str, limit: int) -> str:
 
 
 def number(dataset: Dataset, keyword: str) -> int | None:
-    """An IS/US attribute as an int, or None when absent or not a number."""
+    """An IS/US attribute as an int, or None when absent or not a number (the first of several)."""
+    raw = _raw(dataset, keyword)
+    if raw is not None:
+        value, vr, element = raw
+        if vr == "US" and len(value) >= 2:
+            return int.from_bytes(value[:2], "little" if element.is_little_endian else "big")
+        if vr == "IS" and value.isascii():
+            first = value.split(b"\\", 1)[0].strip(b"\0 ")
+            if first.isdigit():
+                return int(first)
     try:
         value = dataset.get(keyword)
         if isinstance(value, MultiValue | list | tuple):

@@ -45,19 +45,42 @@ class Header:
     dataset_offset: int
 
 
+WINDOW = 1 << 16  # bytes read at a time; a header usually fits in one
+_TAG = {"<": struct.Struct("<HH"), ">": struct.Struct(">HH")}
+_SHORT = {"<": struct.Struct("<H"), ">": struct.Struct(">H")}
+_LONG = {"<": struct.Struct("<L"), ">": struct.Struct(">L")}
+_META_UIDS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
+
+
 def read_header(path: Path, tags: Iterable[int]) -> Header:
-    """Check `path` is a whole Part 10 file and read only `tags` (never pixel data)."""
+    """Check `path` is a whole Part 10 file and read only `tags` (never pixel data).
+
+    One open, element headers taken from a read-ahead window, values skipped by offset.
+    """
     try:
-        file_meta, offset = split_dataset(path)
-        transfer_syntax = UID(str(file_meta.get("TransferSyntaxUID", "")).strip("\0 "))
-        if not transfer_syntax or not transfer_syntax.is_transfer_syntax:
-            raise Unreadable("no usable transfer syntax in the file meta information")
-        wanted = frozenset(tags)
-        found = check_complete(path, offset, transfer_syntax, wanted)
-        if found is None:  # deflated, or a wanted element of undefined length: let pydicom read them
-            dataset = dcmread(path, stop_before_pixels=True, specific_tags=list(wanted))
-        else:
-            dataset = _dataset(path, found, transfer_syntax)
+        with open(path, "rb") as stream:
+            window = _Window(stream)
+            meta = _file_meta(window)
+            if meta is None:  # not the usual layout: pydicom's reader judges it
+                file_meta, offset = split_dataset(path)
+                meta = {name: str(file_meta.get(keyword, "")).strip("\0 ") for name, keyword in _META_KEYWORDS}, offset
+            uids, offset = meta
+            transfer_syntax = UID(uids["transfer_syntax_uid"])
+            if not transfer_syntax or not transfer_syntax.is_transfer_syntax:
+                raise Unreadable("no usable transfer syntax in the file meta information")
+            wanted = frozenset(tags)
+            found = None
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
+                _check_deflated(path, offset)
+            else:
+                walker = _Walker(window, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
+                walker.elements(offset, end=window.size, depth=0)
+                if not walker.undefined_wanted:
+                    found = walker.found
+            if found is None:  # deflated, or a wanted element of undefined length: let pydicom read them
+                dataset = dcmread(path, stop_before_pixels=True, specific_tags=list(wanted))
+            else:
+                dataset = _dataset(window, found, transfer_syntax)
     except Unreadable:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error, zlib.error) as exc:
@@ -65,43 +88,84 @@ def read_header(path: Path, tags: Iterable[int]) -> Header:
     return Header(
         dataset=dataset,
         transfer_syntax_uid=str(transfer_syntax),
-        sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", "")).strip("\0 "),
-        sop_instance_uid=str(file_meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 "),
+        sop_class_uid=uids["sop_class_uid"],
+        sop_instance_uid=uids["sop_instance_uid"],
         dataset_offset=offset,
     )
 
 
-def check_complete(
-    path: Path, offset: int, transfer_syntax: UID, wanted: frozenset[int] = frozenset()
-) -> dict[int, tuple[str | None, int, int]] | None:
-    """Raise Unreadable unless every element from `offset` on is whole (PS3.5 7.1, 7.5).
+_META_KEYWORDS = (
+    ("sop_class_uid", "MediaStorageSOPClassUID"),
+    ("sop_instance_uid", "MediaStorageSOPInstanceUID"),
+    ("transfer_syntax_uid", "TransferSyntaxUID"),
+)
 
-    Returns where the `wanted` top-level elements are: tag -> (explicit VR or None,
-    value offset, length), or None when they cannot be read that way (deflated
-    data, or a wanted element of undefined length).
+
+class _Window:
+    """A file seen through a read-ahead window: small reads come from memory, far ones seek."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.size = stream.seek(0, 2)
+        self.base, self.data = 0, b""
+
+    def at(self, position: int, count: int) -> tuple[bytes, int]:
+        """(buffer, index) such that buffer[index:index + count] are the file's bytes at `position`."""
+        index = position - self.base
+        if index < 0 or index + count > len(self.data):
+            if position + count > self.size:
+                raise Unreadable("the data set ends inside an element header")
+            self.stream.seek(position)
+            self.data, self.base, index = self.stream.read(max(count, WINDOW)), position, 0
+            if len(self.data) < count:
+                raise Unreadable("the file shrank while it was read")
+        return self.data, index
+
+    def read(self, position: int, count: int) -> bytes:
+        data, index = self.at(position, count)
+        return data[index : index + count]
+
+
+def _file_meta(window: _Window) -> tuple[dict[str, str], int] | None:
+    """The group 0002 UIDs and where the data set starts, read by hand (PS3.10 7.1: explicit VR little endian).
+
+    None when it has an unusual layout (an odd VR, a huge value): pydicom's reader then judges it.
     """
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        _check_deflated(path, offset)
+    if window.size < 132 or window.read(128, 4) != b"DICM":
+        raise Unreadable("not a DICOM Part 10 file (no preamble and DICM prefix)")
+    try:
+        uids, position = dict.fromkeys(_META_UIDS.values(), ""), 132
+        while position + 8 <= window.size:
+            data, index = window.at(position, 8)
+            group, element = _TAG["<"].unpack_from(data, index)
+            if group != 0x0002:
+                break
+            vr = data[index + 4 : index + 6]
+            if not (vr.isalpha() and vr.isupper()):
+                return None
+            if vr in LONG_VRS:
+                (length,), start = _LONG["<"].unpack(window.read(position + 8, 4)), position + 12
+            else:
+                (length,), start = _SHORT["<"].unpack_from(data, index + 6), position + 8
+            if length > WINDOW:
+                return None
+            if element in _META_UIDS:
+                uids[_META_UIDS[element]] = window.read(start, length).decode("ascii").strip("\0 ")
+            position = start + length
+        return uids, position
+    except (UnicodeDecodeError, struct.error):
         return None
-    with open(path, "rb") as stream:
-        size = stream.seek(0, 2)
-        stream.seek(offset)
-        walker = _Walker(stream, size, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
-        walker.elements(end=size, depth=0)
-    return None if walker.undefined_wanted else walker.found
 
 
-def _dataset(path: Path, found: dict[int, tuple[str | None, int, int]], transfer_syntax: UID) -> Dataset:
+def _dataset(window: _Window, found: dict[int, tuple[str | None, int, int]], transfer_syntax: UID) -> Dataset:
     """The wanted elements as raw elements, decoded by pydicom only when read (one pass over the file, not two)."""
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
     elements = {}
-    with open(path, "rb") as stream:
-        for tag, (vr, value_offset, length) in sorted(found.items()):
-            stream.seek(value_offset)
-            value = stream.read(length)
-            elements[BaseTag(tag)] = RawDataElement(
-                BaseTag(tag), vr, length, value, value_offset, implicit, little, True, False
-            )
+    for tag, (vr, value_offset, length) in sorted(found.items()):
+        value = window.read(value_offset, length) if length else b""
+        elements[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), vr, length, value, value_offset, implicit, little, True, False
+        )
     dataset = Dataset(elements)
     dataset.set_original_encoding(implicit, little)
     return dataset
@@ -121,74 +185,88 @@ def _check_deflated(path: Path, offset: int) -> None:
 
 
 class _Walker:
-    """Walks element headers, seeking over values, and checks each length fits the file."""
+    """Walks element headers, skipping over values, and checks each length fits the file.
 
-    def __init__(
-        self, stream: BinaryIO, size: int, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
-    ) -> None:
-        self.stream, self.size, self.implicit = stream, size, implicit
-        self.endian = "<" if little else ">"
+    `found` gets where the `wanted` top-level elements are: tag -> (explicit VR or None, value offset, length).
+    """
+
+    def __init__(self, window: _Window, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()) -> None:
+        self.window, self.size, self.implicit = window, window.size, implicit
+        endian = "<" if little else ">"
+        self.tag_struct, self.short, self.long = _TAG[endian], _SHORT[endian], _LONG[endian]
         self.wanted = wanted
         self.found: dict[int, tuple[str | None, int, int]] = {}
         self.undefined_wanted = False
+        self.position = 0
 
-    def _read(self, count: int) -> bytes:
-        data = self.stream.read(count)
-        if len(data) != count:
-            raise Unreadable("the data set ends inside an element header")
-        return data
+    def _tag_and_length(self) -> tuple[int, bytes | None, int]:
+        """The element header at `position` (tag, explicit VR or None, length); `position` moves past it."""
+        position = self.position
+        data, index = self.window.at(position, 8)
+        group, element = self.tag_struct.unpack_from(data, index)
+        if self.implicit:
+            (length,) = self.long.unpack_from(data, index + 4)
+            self.position = position + 8
+            return group << 16 | element, None, length
+        vr = data[index + 4 : index + 6]
+        if vr in LONG_VRS:
+            data, index = self.window.at(position + 8, 4)
+            (length,) = self.long.unpack_from(data, index)
+            self.position = position + 12
+        else:
+            (length,) = self.short.unpack_from(data, index + 6)
+            self.position = position + 8
+        return group << 16 | element, vr, length
 
     def _skip(self, length: int, end: int) -> None:
-        position = self.stream.tell()
-        if position + length > end:
+        if self.position + length > end:
             raise Unreadable("an element's value runs past the end of the data set")
-        self.stream.seek(position + length)
+        self.position += length
 
-    def _tag(self) -> int:
-        group, element = struct.unpack(self.endian + "HH", self._read(4))
-        return group << 16 | element
-
-    def elements(self, end: int, depth: int) -> None:
+    def elements(self, start: int | None = None, *, end: int | None, depth: int) -> None:
         """A data set up to `end`, or (end is None) up to its item delimiter."""
         if depth > MAX_DEPTH:
             raise Unreadable("sequences nested too deep")
-        while self.stream.tell() < (end if end is not None else self.size + 1):
-            tag = self._tag()
-            if tag == ITEM_END and end is None:
-                self._read(4)
-                return
+        if start is not None:
+            self.position = start
+        limit = end if end is not None else self.size + 1
+        while self.position < limit:
+            if self.position + 8 > self.size:
+                raise Unreadable("the data set ends inside an element header")
+            if end is None:
+                data, index = self.window.at(self.position, 4)
+                if self.tag_struct.unpack_from(data, index) == (0xFFFE, 0xE00D) and end is None:
+                    self.position += 8  # item delimiter and its zero length
+                    return
+            tag, vr, length = self._tag_and_length()
             if tag >> 16 == 0xFFFE:
                 raise Unreadable("an item delimiter where an element was expected")
-            implicit_value, vr = False, None
-            if self.implicit:
-                (length,) = struct.unpack(self.endian + "L", self._read(4))
-            else:
-                vr = self._read(2)
-                if vr in LONG_VRS:
-                    self._read(2)
-                    (length,) = struct.unpack(self.endian + "L", self._read(4))
-                    implicit_value = vr == b"UN"  # PS3.5 6.2.2: UN of undefined length holds implicit VR LE
-                else:
-                    (length,) = struct.unpack(self.endian + "H", self._read(2))
             if depth == 0 and tag in self.wanted:
                 if length == UNDEFINED:
                     self.undefined_wanted = True
                 else:
-                    self.found[tag] = (vr.decode("ascii", "replace") if vr else None, self.stream.tell(), length)
+                    self.found[tag] = (vr.decode("ascii", "replace") if vr else None, self.position, length)
             if length == UNDEFINED:
-                self.items(depth + 1, implicit_value)
+                self.items(
+                    depth + 1, implicit_value=vr == b"UN"
+                )  # PS3.5 6.2.2: UN of undefined length is implicit VR LE
             else:
                 self._skip(length, end if end is not None else self.size)
         if end is None:
             raise Unreadable("an item of undefined length has no delimiter")
-        if self.stream.tell() != end:
+        if self.position != end:
             raise Unreadable("element lengths do not add up to the data set")
 
     def items(self, depth: int, implicit_value: bool) -> None:
         """The items of an undefined-length value (a sequence or encapsulated pixel data)."""
         while True:
-            tag = self._tag()
-            (length,) = struct.unpack(self.endian + "L", self._read(4))
+            if self.position + 8 > self.size:
+                raise Unreadable("the data set ends inside an element header")
+            data, index = self.window.at(self.position, 8)
+            group, element = self.tag_struct.unpack_from(data, index)
+            (length,) = self.long.unpack_from(data, index + 4)
+            self.position += 8
+            tag = group << 16 | element
             if tag == SEQUENCE_END:
                 return
             if tag != ITEM:
@@ -196,7 +274,9 @@ class _Walker:
             if length != UNDEFINED:
                 self._skip(length, self.size)
             elif implicit_value and not self.implicit:
-                inner = _Walker(self.stream, self.size, True, True)
+                inner = _Walker(self.window, True, True)
+                inner.position = self.position
                 inner.elements(end=None, depth=depth)
+                self.position = inner.position
             else:
                 self.elements(end=None, depth=depth)

@@ -174,6 +174,8 @@ def _database() -> dict:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(DATA_DIR / "isthmus.sqlite3"),
+            # Kept open between requests (each web thread and listener keeps its own).
+            "CONN_MAX_AGE": 60,
             # Tests share their database with the processes they start: keep it a file.
             "TEST": {"NAME": str(DATA_DIR / "test-isthmus.sqlite3")},
             "OPTIONS": sqlite_options,

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,18 +207,125 @@ def save(
             expect_study_uid=expect_study_uid,
             digest=digest,
         )
-        result = _index(received)
+        result = _index_many([received])[0]
     except Refused as refusal:
         result = StoreResult(refusal.status, "failed", received.sop_uid if received else "", refusal.reason)
     except DatabaseError as exc:  # before or during the transaction: nothing was committed
         result = StoreResult(Status.INDEX_UNAVAILABLE, "failed", received.sop_uid if received else "", _why(exc))
-    except OSError as exc:  # ENOSPC, EIO...: whatever was placed is removed by _index
+    except OSError as exc:  # ENOSPC, EIO...: whatever was placed is removed by _index_many
         result = StoreResult(Status.OUT_OF_RESOURCES, "failed", received.sop_uid if received else "", _why(exc))
     finally:
         if temp is not None:
             _unlink(temp)  # already renamed away when stored
     _account(result, received, calling_ae)
     return result
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A file a receiver wrote into temp_dir() for save_many(), with what it already knows of it."""
+
+    path: Path
+    digest: tuple[str, int] | None = None  # sha256 and size, when hashed while written
+    synced: Future | None = None  # from sync_soon(), when its fsync was started as it was written
+
+
+def sync_soon(path: Path) -> Future:
+    """Start the fsync of a finished temp file in the background (save_many() waits for it).
+
+    A receiver calls it as each file is complete, so the disk works while the next one arrives.
+    The future's result is None, or the OSError the fsync met.
+    """
+    return _SYNC_POOL.submit(_sync_file, path)
+
+
+def save_many(
+    sources: list[Spooled],
+    *,
+    calling_ae: str = "",
+    called_ae: str = "",
+    origin: str = "stow",
+    expect_study_uid: str | None = None,
+) -> list[StoreResult]:
+    """Store several files as save() does, in one index transaction; a result per source, in order.
+
+    For STOW-RS, whose answer comes once the whole request is stored: one turn
+    at the writer lock, one fsync per directory and one commit serve every
+    instance, and the files not yet durable are fsync'd all at once. Each
+    instance is its own savepoint, so one refusal leaves the others stored.
+    Every source file is consumed (moved into the store or removed).
+    """
+    results: list[StoreResult | None] = [None] * len(sources)
+    received: list[Received | None] = [None] * len(sources)
+    try:
+        temps = [_in_temp_area(source.path) for source in sources]
+        try:
+            _check_space()
+            synced = _sync_all([temp for temp, source in zip(temps, sources, strict=True) if source.synced is None])
+            synced.update(
+                (temp, source.synced.result()) for temp, source in zip(temps, sources, strict=True) if source.synced
+            )
+        except Refused as refusal:
+            results = [StoreResult(refusal.status, "failed", "", refusal.reason)] * len(sources)
+            synced = {}
+        for index, (temp, source) in enumerate(zip(temps, sources, strict=True)):
+            if results[index] is not None:
+                continue
+            try:
+                if isinstance(synced.get(temp), OSError):
+                    raise synced[temp]
+                received[index] = _receive(
+                    temp,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    origin=origin,
+                    expect_study_uid=expect_study_uid,
+                    digest=source.digest,
+                    synced=True,
+                )
+            except Refused as refusal:
+                results[index] = StoreResult(refusal.status, "failed", "", refusal.reason)
+            except OSError as exc:
+                results[index] = StoreResult(Status.OUT_OF_RESOURCES, "failed", "", _why(exc))
+        waiting = [index for index, item in enumerate(received) if item is not None]
+        if waiting:
+            try:
+                for index, result in zip(waiting, _index_many([received[i] for i in waiting]), strict=True):
+                    results[index] = result
+            except DatabaseError as exc:
+                for index in waiting:
+                    results[index] = StoreResult(Status.INDEX_UNAVAILABLE, "failed", received[index].sop_uid, _why(exc))
+            except OSError as exc:
+                for index in waiting:
+                    results[index] = StoreResult(Status.OUT_OF_RESOURCES, "failed", received[index].sop_uid, _why(exc))
+    finally:
+        for source in sources:
+            _unlink(source.path)  # already renamed away when stored
+    for result, item in zip(results, received, strict=True):
+        _account(result, item, calling_ae)
+    return results
+
+
+def _sync_all(paths: list[Path]) -> dict[Path, OSError | None]:
+    """fsync the files concurrently (the filesystem's journal commits them together); a failure per path."""
+    if len(paths) < 2:
+        return {path: _sync_file(path) for path in paths}
+    return dict(zip(paths, _SYNC_POOL.map(_sync_file, paths), strict=True))
+
+
+def _sync_file(path: Path) -> OSError | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+_SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="isthmus-fsync")
 
 
 def _why(exc: Exception) -> str:
@@ -258,6 +366,7 @@ def _receive(
     origin: str,
     expect_study_uid: str | None = None,
     digest: tuple[str, int] | None = None,
+    synced: bool = False,
 ) -> Received:
     """Check the file (whole, parseable, consistent UIDs), hash it and make it durable."""
     try:
@@ -277,7 +386,7 @@ def _receive(
     # STOW-RS to /studies/{study}: an instance of another study is refused before it is stored.
     if expect_study_uid is not None and uids["StudyInstanceUID"] != expect_study_uid:
         raise Refused(Status.DATASET_MISMATCH, "Study Instance UID differs from the request's")
-    sha256, size = _digest_and_sync(temp, digest)
+    sha256, size = _digest_and_sync(temp, digest, synced)
     return Received(
         temp=temp,
         header=header,
@@ -292,33 +401,68 @@ def _receive(
     )
 
 
-def _digest_and_sync(path: Path, known: tuple[str, int] | None = None) -> tuple[str, int]:
-    """sha256 and size of the file, made durable; a `known` digest is trusted if the size agrees."""
+def _digest_and_sync(path: Path, known: tuple[str, int] | None = None, synced: bool = False) -> tuple[str, int]:
+    """sha256 and size of the file, made durable (unless `synced` already); a `known` digest is trusted if the size agrees."""
     with open(path, "rb") as stream:
         if known is not None and os.fstat(stream.fileno()).st_size == known[1]:
-            os.fsync(stream.fileno())
+            if not synced:
+                os.fsync(stream.fileno())
             return known
         digest, size = hashlib.sha256(), 0
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(stream.fileno())
+        if not synced:
+            os.fsync(stream.fileno())
     return digest.hexdigest(), size
 
 
-def _index(received: Received) -> StoreResult:
-    """One transaction: lock or insert the row, place the file, commit. Placed files go if it fails."""
+def _index_many(batch: list[Received]) -> list[StoreResult]:
+    """One transaction: lock or insert each row, place each file, fsync their directories, commit.
+
+    Placed files go if it fails. Several instances are each in a savepoint
+    (a refusal or index error fails that one only); a single one is not, so
+    that its errors reach save() as they are.
+    """
     placed: list[Path] = []
+    directories: set[Path] = set()
     try:
         with _SQLITE_WRITER if connection.vendor == "sqlite" else nullcontext(), transaction.atomic():
-            return _commit(received, placed, timezone.now())
+            now = timezone.now()
+            if len(batch) == 1:
+                results = [_commit(batch[0], placed, now, directories)]
+            else:
+                results = [_commit_apart(received, placed, now, directories) for received in batch]
+            for directory in directories:
+                _fsync_dir(directory)
+            return results
     except BaseException:
         for path in placed:
             _unlink(path)
         raise
 
 
-def _commit(received: Received, placed: list[Path], now) -> StoreResult:
+def _commit_apart(received: Received, placed: list[Path], now, directories: set[Path]) -> StoreResult:
+    """One instance of a batch in its own savepoint; what it placed is removed if it fails."""
+    mine: list[Path] = []
+    try:
+        with transaction.atomic():
+            result = _commit(received, mine, now, directories)
+    except Refused as refusal:
+        result = StoreResult(refusal.status, "failed", received.sop_uid, refusal.reason)
+    except DatabaseError as exc:
+        result = StoreResult(Status.INDEX_UNAVAILABLE, "failed", received.sop_uid, _why(exc))
+    except OSError as exc:
+        result = StoreResult(Status.OUT_OF_RESOURCES, "failed", received.sop_uid, _why(exc))
+    if result.outcome == "failed":
+        for path in mine:
+            _unlink(path)
+    else:
+        placed.extend(mine)
+    return result
+
+
+def _commit(received: Received, placed: list[Path], now, directories: set[Path]) -> StoreResult:
     relative = relative_path(received.study_uid, received.series_uid, received.sop_uid)
     fields = _file_fields(received, relative, now)
     dataset = received.header.dataset
@@ -329,7 +473,7 @@ def _commit(received: Received, placed: list[Path], now) -> StoreResult:
     while instance is None:
         existing = indexing.lock_instance(received.sop_uid)
         if existing is not None:
-            return _duplicate(received, existing, placed, now)
+            return _duplicate(received, existing, placed, now, directories)
         if attempts == 2:
             raise Refused(Status.PROCESSING_FAILURE, "the instance row could neither be inserted nor found")
         # A new series (or a row deleted since): the general path, which may lose a race
@@ -339,11 +483,11 @@ def _commit(received: Received, placed: list[Path], now) -> StoreResult:
         )
         attempts += 1
     outbox.write_jobs(instance, received)
-    _place(received.temp, relative, placed)
+    _place(received.temp, relative, placed, directories)
     return StoreResult(Status.SUCCESS, "stored", received.sop_uid)
 
 
-def _duplicate(received: Received, existing: Instance, placed: list[Path], now) -> StoreResult:
+def _duplicate(received: Received, existing: Instance, placed: list[Path], now, directories: set[Path]) -> StoreResult:
     """Same SOP Instance UID again: identical bytes change nothing; different ones follow the policy."""
     stored = instance_path(existing)
     missing = not stored.is_file()
@@ -376,7 +520,7 @@ def _duplicate(received: Received, existing: Instance, placed: list[Path], now) 
         existing, received.header.dataset, series=_series(received, now), **_file_fields(received, relative, now)
     )
     outbox.write_jobs(existing, received)  # the new bytes are owed to the destinations too
-    _place(received.temp, relative, placed)
+    _place(received.temp, relative, placed, directories)
     if not missing:
         transaction.on_commit(lambda: _unlink(stored))
     return StoreResult(Status.SUCCESS, action, received.sop_uid, "duplicate with different content, replaced")
@@ -421,13 +565,13 @@ def _same_dataset(stored: Path, received: Received) -> bool:
                 return True
 
 
-def _place(temp: Path, relative: str, placed: list[Path]) -> None:
-    """Rename the durable temp file into place and make the rename itself durable."""
+def _place(temp: Path, relative: str, placed: list[Path], directories: set[Path]) -> None:
+    """Rename the durable temp file into place; its directory joins those fsync'd before the commit."""
     final = storage_root() / relative
     _make_dirs(final.parent)
     os.rename(temp, final)  # atomic: the temp dir is on the root's filesystem
     placed.append(final)
-    _fsync_dir(final.parent)
+    directories.add(final.parent)
 
 
 def _make_dirs(directory: Path) -> None:
