@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, models, transaction
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -207,7 +207,26 @@ def create_instance(dataset: Dataset, *, series: Series, sop_instance_uid: str, 
         return None
 
 
-_INSERT_COLUMNS: tuple = ()
+@functools.lru_cache(maxsize=4)
+def _insert_under_series_sql(vendor: str) -> tuple[str, tuple]:
+    """The statement for a database vendor (its quoting), and its parameters' (field name, converter) in order.
+
+    Text and integer values go as they are; other fields (dates) through Django's conversion.
+    """
+    fields = tuple(
+        field for field in Instance._meta.concrete_fields if not field.primary_key and field.name != "series"
+    )
+    plain = (models.CharField, models.IntegerField, models.TextField)
+    converters = tuple((field.name, None if isinstance(field, plain) else field.get_db_prep_save) for field in fields)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = (
+        f"INSERT INTO {quote(Instance._meta.db_table)} ({quote('series_id')}, {columns}) "
+        f"SELECT s.id, {placeholders} FROM {quote(Series._meta.db_table)} s WHERE s.series_instance_uid = %s "
+        f"ON CONFLICT ({quote('sop_instance_uid')}) DO NOTHING RETURNING id, series_id"
+    )
+    return sql, converters
 
 
 def insert_under_series(dataset: Dataset, *, series_uid: str, sop_instance_uid: str, **file_fields) -> Instance | None:
@@ -219,21 +238,9 @@ def insert_under_series(dataset: Dataset, *, series_uid: str, sop_instance_uid: 
     None when nothing was inserted: the series is new or the UID exists; the
     caller then takes the general path (lock_instance, series_for, create_instance).
     """
-    global _INSERT_COLUMNS
-    if not _INSERT_COLUMNS:
-        _INSERT_COLUMNS = tuple(
-            field for field in Instance._meta.concrete_fields if not field.primary_key and field.name != "series"
-        )
+    sql, converters = _insert_under_series_sql(connection.vendor)
     values = {"sop_instance_uid": sop_instance_uid, **instance_fields(dataset), **file_fields}
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(field.column) for field in _INSERT_COLUMNS)
-    placeholders = ", ".join(["%s"] * len(_INSERT_COLUMNS))
-    sql = (
-        f"INSERT INTO {quote(Instance._meta.db_table)} ({quote('series_id')}, {columns}) "
-        f"SELECT s.id, {placeholders} FROM {quote(Series._meta.db_table)} s WHERE s.series_instance_uid = %s "
-        f"ON CONFLICT ({quote('sop_instance_uid')}) DO NOTHING RETURNING id, series_id"
-    )
-    params = [field.get_db_prep_save(values[field.name], connection) for field in _INSERT_COLUMNS]
+    params = [values[name] if prep is None else prep(values[name], connection) for name, prep in converters]
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, series_uid])
         row = cursor.fetchone()

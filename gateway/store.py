@@ -339,11 +339,21 @@ def _check_space() -> None:
 
 
 def _in_temp_area(path: Path) -> Path:
-    """A caller's file must already be in the temp area, so that placing it is one atomic rename."""
-    path = path.resolve()
-    if not path.is_relative_to((storage_root() / tempdirs.TEMP_DIR).resolve()):
+    """A caller's file must already be in the temp area, so that placing it is one atomic rename.
+
+    Checked lexically against the area as configured and as resolved (no system call per file).
+    """
+    absolute = os.path.abspath(path)
+    if not absolute.startswith(_temp_areas(str(settings.STORAGE_DIR))):
         raise ValueError(f"{path} is not in the store's temp area; pass a stream instead")
-    return path
+    return Path(absolute)
+
+
+@functools.lru_cache(maxsize=8)
+def _temp_areas(root: str) -> tuple[str, str]:
+    """The temp area as configured and as resolved, each with a trailing separator (prefixes of its files)."""
+    area = Path(os.path.abspath(root)) / tempdirs.TEMP_DIR
+    return str(area) + os.sep, str(area.resolve()) + os.sep
 
 
 def _spool(stream: BinaryIO) -> Path:
