@@ -129,6 +129,28 @@ def test_study_in_url_refuses_instances_of_other_studies_before_storing(live_ser
     assert [path.stem for path in stored_files(storage)] == [ours.SOPInstanceUID]
 
 
+def test_a_refusal_inside_the_request_transaction_fails_only_that_instance(live_server, storage, tmp_path, settings):
+    """One index transaction per request, a savepoint per instance: a rejected duplicate leaves the others stored."""
+    settings.DUPLICATE_POLICY = "reject"
+    headers = bearer()
+    study, series = generate_uid(), generate_uid()
+    first = instance(tmp_path / "a", study_uid=study, series_uid=series)
+    assert post(live_server, multipart(encode(first)), **headers).status_code == 200
+    kept = store.instance_path(Instance.objects.get()).read_bytes()
+    changed = instance(tmp_path / "b", study_uid=study, series_uid=series, sop_uid=first.SOPInstanceUID)
+    changed.StudyDescription = "CHANGED"
+    before, after = (instance(tmp_path / n, study_uid=study, series_uid=series) for n in ("c", "d"))
+
+    response = post(live_server, multipart(encode(before), encode(changed), encode(after)), **headers)
+
+    assert response.status_code == 202
+    assert failure_reasons(response) == [0x0111]
+    stored = set(Instance.objects.values_list("sop_instance_uid", flat=True))
+    assert stored == {first.SOPInstanceUID, before.SOPInstanceUID, after.SOPInstanceUID}
+    assert store.instance_path(Instance.objects.get(sop_instance_uid=first.SOPInstanceUID)).read_bytes() == kept
+    assert len(stored_files(storage)) == 3 and leftover_temp_files() == []
+
+
 def test_all_instances_of_another_study_is_a_conflict(live_server, storage, tmp_path):
     response = post(live_server, multipart(encode(instance(tmp_path))), path=f"studies/{generate_uid()}", **bearer())
 
