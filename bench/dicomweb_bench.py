@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dicomweb_bench.py [--studies 1000] [--per-study 100] [--orthanc-studies 100]
         [--slices 300] [--queries 50] [--repeat 3] [--quick] [--keep]
+        [--only qido|stow|wado ...] [--stow-clients 1,4]
 
 Isthmus runs as in production on one host: gunicorn (2 workers, 4 threads) over the
 embedded SQLite database in its own data dir, a bearer token on every request.
@@ -17,8 +18,9 @@ after 3 warm-ups, one keep-alive connection; median and 95th percentile.
 STOW-RS: a new study of --slices CT slices of 0.5 MB, 10 instances per
 request, from 1 client, then from 4 clients at once (threads streaming body
 files from disk), --repeat times each (the server going first alternates),
-median rate. WADO-RS: a --slices study stored in both (real files), retrieved
-whole as multipart/related application/dicom, --repeat times, median rate.
+median rate, and each server's CPU time per instance. WADO-RS: a --slices
+study stored in both (real files), retrieved whole as multipart/related
+application/dicom, --repeat times, median rate.
 The temp dir is made in $BENCH_TMPDIR if set.
 """
 

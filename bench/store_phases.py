@@ -41,12 +41,12 @@ from gateway.models import Instance, Patient, Series, Study  # noqa: E402
 PHASES = [
     (store, "read_header", "header parse and completeness check"),
     (store, "_digest_and_sync", "sha256 and fsync of the file"),
-    (store, "_index", "transaction (all below, BEGIN, COMMIT)"),
+    (store, "_index_many", "transaction (all below, BEGIN, COMMIT)"),
     (indexing, "insert_under_series", "  instance INSERT under a known series (one statement)"),
     (indexing, "lock_instance", "  duplicate check (SELECT ... FOR UPDATE)"),
     (indexing, "series_for", "  series/study/patient lookup"),
     (indexing, "create_instance", "  instance INSERT of a new series (in a savepoint)"),
-    (store, "_place", "  rename into place, fsync of the directory"),
+    (store, "_place", "  rename into place (its directory is fsync'd before COMMIT)"),
 ]
 ORIGINAL = {name: getattr(module, name) for module, name, _label in PHASES}
 

@@ -236,7 +236,7 @@ def sync_soon(path: Path) -> Future:
     A receiver calls it as each file is complete, so the disk works while the next one arrives.
     The future's result is None, or the OSError the fsync met.
     """
-    return _SYNC_POOL.submit(_sync_file, path)
+    return _sync_pool().submit(_sync_file, path)
 
 
 def save_many(
@@ -310,7 +310,7 @@ def _sync_all(paths: list[Path]) -> dict[Path, OSError | None]:
     """fsync the files concurrently (the filesystem's journal commits them together); a failure per path."""
     if len(paths) < 2:
         return {path: _sync_file(path) for path in paths}
-    return dict(zip(paths, _SYNC_POOL.map(_sync_file, paths), strict=True))
+    return dict(zip(paths, _sync_pool().map(_sync_file, paths), strict=True))
 
 
 def _sync_file(path: Path) -> OSError | None:
@@ -325,7 +325,26 @@ def _sync_file(path: Path) -> OSError | None:
     return None
 
 
-_SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="isthmus-fsync")
+_SYNC_POOL: ThreadPoolExecutor | None = None
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """This process's fsync threads, started on first use."""
+    global _SYNC_POOL
+    with _SYNC_POOL_LOCK:
+        if _SYNC_POOL is None:
+            _SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="isthmus-fsync")
+        return _SYNC_POOL
+
+
+def _forget_sync_pool() -> None:
+    """In a forked child: the parent's pool has no threads behind it here, and its lock may be held."""
+    global _SYNC_POOL, _SYNC_POOL_LOCK
+    _SYNC_POOL, _SYNC_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_sync_pool)
 
 
 def _why(exc: Exception) -> str:

@@ -255,3 +255,19 @@ folder = tempdirs.process_dir(Path(sys.argv[1]))
 print(folder, flush=True)
 time.sleep(60)
 """
+
+
+def test_fsync_pool_works_in_a_forked_child(storage):
+    """A process forked after the pool started (a listener, a worker) gets threads of its own."""
+    probe = store.temp_dir() / "probe"
+    probe.write_bytes(b"x")
+    assert store.sync_soon(probe).result(timeout=10) is None
+    pid = os.fork()
+    if pid == 0:  # the child: a stale pool would never run the fsync, and result() would time out
+        code = 1
+        try:
+            code = 0 if store.sync_soon(probe).result(timeout=10) is None else 2
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
