@@ -257,36 +257,14 @@ def save_many(
     """
     results: list[StoreResult | None] = [None] * len(sources)
     received: list[Received | None] = [None] * len(sources)
+    context = {"calling_ae": calling_ae, "called_ae": called_ae, "origin": origin, "expect_study_uid": expect_study_uid}
     try:
         temps = [_in_temp_area(source.path) for source in sources]
         try:
             _check_space()
-            synced = _sync_all([temp for temp, source in zip(temps, sources, strict=True) if source.synced is None])
-            synced.update(
-                (temp, source.synced.result()) for temp, source in zip(temps, sources, strict=True) if source.synced
-            )
+            received, results = _receive_all(temps, sources, context)
         except Refused as refusal:
             results = [StoreResult(refusal.status, "failed", "", refusal.reason)] * len(sources)
-            synced = {}
-        for index, (temp, source) in enumerate(zip(temps, sources, strict=True)):
-            if results[index] is not None:
-                continue
-            try:
-                if isinstance(synced.get(temp), OSError):
-                    raise synced[temp]
-                received[index] = _receive(
-                    temp,
-                    calling_ae=calling_ae,
-                    called_ae=called_ae,
-                    origin=origin,
-                    expect_study_uid=expect_study_uid,
-                    digest=source.digest,
-                    synced=True,
-                )
-            except Refused as refusal:
-                results[index] = StoreResult(refusal.status, "failed", "", refusal.reason)
-            except OSError as exc:
-                results[index] = StoreResult(Status.OUT_OF_RESOURCES, "failed", "", _why(exc))
         waiting = [index for index, item in enumerate(received) if item is not None]
         if waiting:
             try:
@@ -304,6 +282,26 @@ def save_many(
     for result, item in zip(results, received, strict=True):
         _account(result, item, calling_ae)
     return results
+
+
+def _receive_all(
+    temps: list[Path], sources: list[Spooled], context: dict
+) -> tuple[list[Received | None], list[StoreResult | None]]:
+    """Make every file durable (the fsyncs run together), then check each: (received, or its failure) per source."""
+    synced = _sync_all([temp for temp, source in zip(temps, sources, strict=True) if source.synced is None])
+    synced.update((temp, source.synced.result()) for temp, source in zip(temps, sources, strict=True) if source.synced)
+    received: list[Received | None] = [None] * len(sources)
+    results: list[StoreResult | None] = [None] * len(sources)
+    for index, (temp, source) in enumerate(zip(temps, sources, strict=True)):
+        try:
+            if isinstance(synced.get(temp), OSError):
+                raise synced[temp]
+            received[index] = _receive(temp, digest=source.digest, synced=True, **context)
+        except Refused as refusal:
+            results[index] = StoreResult(refusal.status, "failed", "", refusal.reason)
+        except OSError as exc:
+            results[index] = StoreResult(Status.OUT_OF_RESOURCES, "failed", "", _why(exc))
+    return received, results
 
 
 def _sync_all(paths: list[Path]) -> dict[Path, OSError | None]:
