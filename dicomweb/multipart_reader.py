@@ -23,6 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 # Body reads: gunicorn copies each read through its buffers several times, and costs
 # about half the CPU at 256 KB than at 1 MB a read (bench/dicomweb_bench.py).
 CHUNK = 256 << 10
+HEAD = 4096  # first bytes of each part kept in memory: its file meta, to name the part if it fails
 
 
 class BadBody(Exception):
@@ -42,6 +43,7 @@ class Part:
     headers: dict[str, str] = field(default_factory=dict)
     digest: tuple[str, int] | None = None  # sha256 and size, hashed while spooled (store.save need not re-read)
     synced: Future | None = None  # its fsync, started once it was whole
+    head: bytes = b""  # its first HEAD bytes
 
 
 def media_type(header: str) -> tuple[str, dict[str, str]]:
@@ -82,6 +84,7 @@ class _Spooler:
             raise TooLarge(f"more than {self.max_parts} parts")
         self._headers = {}
         self._sha256, self._size = hashlib.sha256(), 0
+        self._head = bytearray()
         handle, name = tempfile.mkstemp(dir=self.directory, suffix=".stow")
         self._path = Path(name)
         self._file = os.fdopen(handle, "wb")
@@ -93,6 +96,8 @@ class _Spooler:
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = memoryview(data)[start:end]  # no copy of the chunk
+        if len(self._head) < HEAD:
+            self._head += chunk[: HEAD - len(self._head)]
         self._sha256.update(chunk)
         self._size += len(chunk)
         self._file.write(chunk)
@@ -102,7 +107,9 @@ class _Spooler:
         self._file = None
         content_type = media_type(self._headers.get("content-type", ""))[0]
         digest = (self._sha256.hexdigest(), self._size)
-        self.parts.append(Part(self._path, content_type, self._headers, digest, self.sync(self._path)))
+        self.parts.append(
+            Part(self._path, content_type, self._headers, digest, self.sync(self._path), bytes(self._head))
+        )
         self._path = None
 
     def end(self) -> None:

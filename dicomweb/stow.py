@@ -19,7 +19,6 @@ import logging
 import struct
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
@@ -38,7 +37,6 @@ from gateway.part10 import LONG_VRS
 log = logging.getLogger("isthmus.dicomweb.stow")
 
 DICOM = "application/dicom"
-META_PEEK = 4096  # bytes read to find a part's file meta UIDs
 
 
 class StowRefused(Exception):
@@ -171,23 +169,21 @@ class _SinglePart:
 def store_parts(parts: list[Part], *, calling_ae: str, study_uid: str | None) -> StowAnswer:
     """Store the spooled parts with store.save_many() (one index transaction); every temp file is consumed."""
     answer = StowAnswer()
+    dicom: list[tuple[Part, str, str]] = []
     try:
-        dicom = []
         for part in parts:
-            sop_class, sop_instance = announced_uids(part.path)
+            sop_class, sop_instance = announced_uids(part.head)
             if part.content_type in ("", DICOM):
-                dicom.append((sop_class, sop_instance))
+                dicom.append((part, sop_class, sop_instance))
                 continue
             answer.failed.append((sop_class, sop_instance, Status.CANNOT_UNDERSTAND))
             log.warning("STOW-RS part of type %s refused from %s", part.content_type[:60], calling_ae)
-        sources = [
-            store.Spooled(part.path, part.digest, part.synced) for part in parts if part.content_type in ("", DICOM)
-        ]
+        sources = [store.Spooled(part.path, part.digest, part.synced) for part, _class, _sop in dicom]
         results = store.save_many(sources, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid)
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)  # stored ones were renamed away
-    for (sop_class, sop_instance), result in zip(dicom, results, strict=True):
+    for (_part, sop_class, sop_instance), result in zip(dicom, results, strict=True):
         if not result.ok:
             answer.failed.append((sop_class, result.sop_instance_uid or sop_instance, result.status))
             answer.warnings.append(f"{result.sop_instance_uid or 'an instance'}: 0x{result.status:04X} {result.reason}")
@@ -198,17 +194,15 @@ def store_parts(parts: list[Part], *, calling_ae: str, study_uid: str | None) ->
     return answer
 
 
-def announced_uids(path: Path) -> tuple[str, str]:
+def announced_uids(head: bytes) -> tuple[str, str]:
     """Media Storage SOP Class and Instance UIDs from a part's file meta (PS3.10 7.1), to name it if it fails.
 
-    Read by hand from the first few KB: the group 2 elements are explicit VR little endian. Empty if unreadable.
+    Read by hand from the part's first bytes: the group 2 elements are explicit VR little endian. Empty if unreadable.
     """
-    with open(path, "rb") as stream:
-        head = stream.read(META_PEEK)
     if head[128:132] != b"DICM":
         return "", ""
     found, position = {}, 132
-    while position + 8 <= len(head):
+    while position + 12 <= len(head):
         group, element = struct.unpack_from("<HH", head, position)
         if group != 0x0002:
             break

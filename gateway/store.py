@@ -312,12 +312,9 @@ def _sync_all(paths: list[Path]) -> dict[Path, OSError | None]:
 
 
 def _sync_file(path: Path) -> OSError | None:
+    """_fsync() for the pool: the error is returned, to be raised for its own instance only."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
     except OSError as exc:
         return exc
     return None
@@ -369,8 +366,9 @@ def _in_temp_area(path: Path) -> Path:
 @functools.lru_cache(maxsize=8)
 def _temp_areas(root: str) -> tuple[str, str]:
     """The temp area as configured and as resolved, each with a trailing separator (prefixes of its files)."""
-    area = Path(os.path.abspath(root)) / tempdirs.TEMP_DIR
-    return str(area) + os.sep, str(area.resolve()) + os.sep
+    return str(Path(os.path.abspath(root)) / tempdirs.TEMP_DIR) + os.sep, str(
+        _resolved_root(root) / tempdirs.TEMP_DIR
+    ) + os.sep
 
 
 def _spool(stream: BinaryIO) -> Path:
@@ -430,11 +428,11 @@ def _receive(
 
 def _digest_and_sync(path: Path, known: tuple[str, int] | None = None, synced: bool = False) -> tuple[str, int]:
     """sha256 and size of the file, made durable (unless `synced` already); a `known` digest is trusted if the size agrees."""
+    if known is not None and os.stat(path).st_size == known[1]:
+        if not synced:
+            _fsync(path)
+        return known
     with open(path, "rb") as stream:
-        if known is not None and os.fstat(stream.fileno()).st_size == known[1]:
-            if not synced:
-                os.fsync(stream.fileno())
-            return known
         digest, size = hashlib.sha256(), 0
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
@@ -616,7 +614,11 @@ def _make_dirs(directory: Path) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(directory, os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
