@@ -305,6 +305,25 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
+# --- Caches ----------------------------------------------------------------
+# Rate limits (gateway/ratelimit.py) count per source across every process of a host: a file
+# cache under the data directory by default, Redis when ISTHMUS_CACHE_URL names one.
+CACHE_URL = env.str("ISTHMUS_CACHE_URL", "")
+if CACHE_URL and not CACHE_URL.startswith(("redis://", "rediss://")):
+    env.fail("ISTHMUS_CACHE_URL", CACHE_URL, "redis://HOST:PORT/DB")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "ratelimit": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+        if CACHE_URL.startswith(("redis://", "rediss://"))
+        else {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(_ensure_dir(DATA_DIR / "cache")),
+            "OPTIONS": {"MAX_ENTRIES": 10_000},
+        }
+    ),
+}
+
 # --- Metrics ---------------------------------------------------------------
 # Every process (web, dimse, worker) writes its counters here; /metrics sums
 # them. Must be in the environment before prometheus_client is imported.
