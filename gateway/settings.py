@@ -60,6 +60,9 @@ HEARTBEAT_INTERVAL = env.float("ISTHMUS_HEARTBEAT_INTERVAL", 10.0, low=0.5)
 # A listener whose heartbeat is older than this is reported down by /healthz.
 HEARTBEAT_STALE_AFTER = env.float("ISTHMUS_HEARTBEAT_STALE_AFTER", 45.0, low=1.0)
 MIN_FREE_BYTES = env.int("ISTHMUS_MIN_FREE_MB", 1024, 0) * 1024 * 1024
+# Largest instance accepted over C-STORE or STOW-RS, and most a deflated data set may inflate to:
+# room for a 4 GB multi-frame and its header.
+MAX_INSTANCE_BYTES = env.int("ISTHMUS_MAX_INSTANCE_MB", 5 * 1024, 1) * 1024 * 1024
 EVENT_RETENTION_DAYS = env.int("ISTHMUS_EVENT_RETENTION_DAYS", 90, 1)
 # Where received instances live: <root>/<study>/<series>/<sop>.dcm
 STORAGE_DIR = Path(env.str("ISTHMUS_STORAGE_DIR", str(DATA_DIR / "storage"))).expanduser().resolve()
