@@ -49,7 +49,7 @@ class TooManyFailures(exceptions.Throttled):
     """429 for a source past its failure limit, whatever it sends now; dicomweb.base renders it as a problem."""
 
     def __init__(self, wait: int) -> None:
-        super().__init__(wait, f"Too many failed attempts from this address; try again in {wait} s.")
+        super().__init__(wait, f"Too many failed attempts; try again in {wait} s.")
 
 
 class TokenUser:
