@@ -9,14 +9,15 @@ from dicomweb.models import ApiToken
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "can_read", "can_write", "expires_at", "last_used_at", "revoked", "created_at")
-    list_filter = ("revoked", "can_read", "can_write")
+    list_display = ("name", "prefix", "can_read", "can_write", "can_worklist", "can_admin", "expires_at",
+                    "last_used_at", "revoked", "created_at")  # fmt: skip
+    list_filter = ("revoked", "can_read", "can_write", "can_worklist", "can_admin")
     search_fields = ("name", "prefix")
     readonly_fields = ("prefix", "last_used_at", "created_at")
     actions = ["revoke"]
 
     def get_fields(self, request, obj=None):
-        fields = ["name", "can_read", "can_write", "expires_at"]
+        fields = ["name", "can_read", "can_write", "can_worklist", "can_admin", "expires_at"]
         return fields if obj is None else [*fields, "revoked", *self.readonly_fields]
 
     def save_model(self, request, obj: ApiToken, form, change: bool) -> None:

@@ -1,11 +1,14 @@
-"""Bearer-token authentication and read/write scopes for DICOMweb and the REST API.
+"""Bearer-token authentication and scopes for DICOMweb and the REST API.
 
 Two kinds of bearer token: Isthmus API tokens (`isth_...`, stored hashed,
 managed in the admin or with `manage.py create_token`) and, where an identity
 provider is configured (ISTHMUS_JWT_PUBLIC_KEY), signed JWTs whose `scope`
-claim grants `dicomweb.read` and/or `dicomweb.write`. Views declare what they
-need with `permission_classes = [ReadScope]` or `[WriteScope]`; the REST API's
-default permission is ApiScope.
+claim grants `dicomweb.read`, `dicomweb.write`, `isthmus.worklist` and/or
+`isthmus.admin`. Scopes do not imply one another: read is QIDO-RS and WADO-RS,
+write is STOW-RS only, worklist is orders through /api/worklist/, admin is
+/api/nodes and every other configuration endpoint (the REST API's default
+permission). A source that sends too many bad tokens, or bad passwords, is
+refused with 429 for a while (gateway/web_limits.py).
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ from datetime import timedelta
 
 import jwt
 from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpRequest
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from dicomweb.models import PREFIX, ApiToken, hash_token
+from gateway import web_limits
 
 # last_used_at is written at most this often per token, not on every request.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 READ_SCOPE, WRITE_SCOPE = "dicomweb.read", "dicomweb.write"
+WORKLIST_SCOPE, ADMIN_SCOPE = "isthmus.worklist", "isthmus.admin"
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,15 @@ class JwtGrant:
     name: str
     can_read: bool
     can_write: bool
+    can_worklist: bool = False
+    can_admin: bool = False
+
+
+class TooManyFailures(exceptions.Throttled):
+    """429 for a source past its failure limit, whatever it sends now; dicomweb.base renders it as a problem."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(wait, f"Too many failed attempts; try again in {wait} s.")
 
 
 class TokenUser:
@@ -53,7 +69,7 @@ class TokenUser:
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):
-    """`Authorization: Bearer <token>`: a missing header leaves the request anonymous; a bad token is 401."""
+    """`Authorization: Bearer <token>`: no header leaves the request anonymous; a bad token is 401, too many 429."""
 
     keyword = "Bearer"
 
@@ -61,6 +77,19 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         header = authentication.get_authorization_header(request).split()
         if not header or header[0].lower() != self.keyword.lower().encode():
             return None
+        address = web_limits.client_address(request)
+        wait = web_limits.token_blocked(address)
+        if wait:
+            raise TooManyFailures(wait)
+        try:
+            return self._verify(header)
+        except exceptions.AuthenticationFailed:
+            wait = web_limits.token_failed(address)
+            if wait:
+                raise TooManyFailures(wait) from None
+            raise
+
+    def _verify(self, header: list[bytes]):
         if len(header) != 2:
             raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <token>'.")
         raw = header[1].decode("latin-1")
@@ -97,7 +126,13 @@ def verify_jwt(raw: str) -> JwtGrant:
     except jwt.InvalidTokenError as exc:
         raise exceptions.AuthenticationFailed(f"Invalid JWT: {exc}") from exc
     scopes = _scopes(claims)
-    return JwtGrant(name=str(claims["sub"]), can_read=READ_SCOPE in scopes, can_write=WRITE_SCOPE in scopes)
+    return JwtGrant(
+        name=str(claims["sub"]),
+        can_read=READ_SCOPE in scopes,
+        can_write=WRITE_SCOPE in scopes,
+        can_worklist=WORKLIST_SCOPE in scopes,
+        can_admin=ADMIN_SCOPE in scopes,
+    )
 
 
 def _scopes(claims: dict) -> set[str]:
@@ -121,11 +156,11 @@ def _staff(request) -> bool:
 
 
 def open_read_network(request) -> bool:
-    """ISTHMUS_DICOMWEB_OPEN_READ_NETWORKS: reads without a token from these networks (REMOTE_ADDR, not proxies)."""
+    """ISTHMUS_DICOMWEB_OPEN_READ_NETWORKS: reads without a token from these networks (the client's address)."""
     if not settings.DICOMWEB_OPEN_READ_NETWORKS:
         return False
     try:
-        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+        address = ipaddress.ip_address(web_limits.client_address(request))
     except ValueError:
         return False
     return any(address in network for network in settings.DICOMWEB_OPEN_READ_NETWORKS)
@@ -155,16 +190,64 @@ class WriteScope(permissions.BasePermission):
         return _staff(request)
 
 
-class ApiScope(permissions.BasePermission):
-    """The REST API (/api/): staff users as before, or a token: read scope to read, write scope to change."""
+class AdminScope(permissions.BasePermission):
+    """/api/nodes and every configuration endpoint (the REST API's default): admin scope, or a staff session."""
 
-    message = "This token has no scope for this request."
+    message = "This token has no admin scope."
 
     def has_permission(self, request, view) -> bool:
         grant = _grant(request)
         if grant is not None:
-            return grant.can_read if request.method in permissions.SAFE_METHODS else grant.can_write
+            return grant.can_admin
         return _staff(request)
+
+
+class WorklistScope(permissions.BasePermission):
+    """/api/worklist/orders: read scope reads, worklist scope reads and changes; staff sessions do both."""
+
+    message = "This token has no worklist scope."
+
+    def has_permission(self, request, view) -> bool:
+        grant = _grant(request)
+        if grant is not None:
+            return grant.can_worklist or (grant.can_read and request.method in permissions.SAFE_METHODS)
+        return _staff(request)
+
+
+class AnyScope(permissions.BasePermission):
+    """What describes the API (/api/schema/): any usable token, or a staff session."""
+
+    def has_permission(self, request, view) -> bool:
+        return _grant(request) is not None or _staff(request)
+
+
+class OptionalBasicAuthentication(authentication.BasicAuthentication):
+    """HTTP Basic on /api/ only with ISTHMUS_API_BASIC_AUTH; its failures count toward the login limit."""
+
+    def authenticate(self, request):
+        if not settings.API_BASIC_AUTH:
+            return None  # the header is ignored: the request stays anonymous and is refused
+        return super().authenticate(request)
+
+    def authenticate_credentials(self, userid, password, request=None):
+        wait = web_limits.login_blocked(web_limits.client_address(request), userid)
+        if wait:
+            raise TooManyFailures(wait)
+        return super().authenticate_credentials(userid, password, request)  # a failure sends user_login_failed
+
+
+def may_see_health_detail(request: HttpRequest) -> bool:
+    """/healthz detail (paths, errors, addresses): a staff session, or a token with read or admin scope.
+
+    A bad token here is counted like anywhere else but answered with the summary, so a monitor stays green.
+    """
+    try:
+        if _staff(request):
+            return True
+        authenticated = BearerTokenAuthentication().authenticate(request)
+    except (exceptions.APIException, DatabaseError):  # a bad token, a blocked source, the database down
+        return False
+    return authenticated is not None and (authenticated[1].can_read or authenticated[1].can_admin)
 
 
 class BearerTokenScheme(OpenApiAuthenticationExtension):
@@ -175,3 +258,13 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema) -> dict:
         return {"type": "http", "scheme": "bearer", "description": "An API token (isth_...) or, if configured, a JWT."}
+
+
+class OptionalBasicScheme(OpenApiAuthenticationExtension):
+    """How /api/schema/ describes OptionalBasicAuthentication."""
+
+    target_class = OptionalBasicAuthentication
+    name = "basicAuth"
+
+    def get_security_definition(self, auto_schema) -> dict:
+        return {"type": "http", "scheme": "basic", "description": "Staff users, only if ISTHMUS_API_BASIC_AUTH=true."}

@@ -12,8 +12,9 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
+from rest_framework.views import exception_handler as drf_exception_handler
 
-from dicomweb.auth import BearerTokenAuthentication, ReadScope
+from dicomweb.auth import BearerTokenAuthentication, ReadScope, TooManyFailures
 
 log = logging.getLogger("isthmus.dicomweb")
 
@@ -51,7 +52,8 @@ class DicomWebError(Exception):
         self.detail = detail
 
 
-TITLES = {400: "Bad Request", 404: "Not Found", 406: "Not Acceptable", 410: "Gone", 500: "Internal Server Error"}
+TITLES = {400: "Bad Request", 404: "Not Found", 406: "Not Acceptable", 410: "Gone", 429: "Too Many Requests",
+          500: "Internal Server Error"}  # fmt: skip
 
 
 def problem(status: int, detail: str) -> HttpResponse:
@@ -59,6 +61,17 @@ def problem(status: int, detail: str) -> HttpResponse:
     log.info("dicomweb %d: %s", status, detail)
     body = {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail}
     return JsonResponse(body, status=status, content_type="application/problem+json")
+
+
+def exception_handler(exc: Exception, context: dict) -> HttpResponse | None:
+    """DRF's handler for /api/ and /dicomweb/, except that a blocked source gets a problem with Retry-After."""
+    if not isinstance(exc, TooManyFailures):
+        return drf_exception_handler(exc, context)
+    body = {"type": "about:blank", "title": TITLES[429], "status": 429, "detail": str(exc.detail)}
+    response = JsonResponse(body, status=429, content_type="application/problem+json")
+    response["Retry-After"] = str(int(exc.wait))
+    response._has_been_logged = True  # not one django.request line per refusal: the block was logged once
+    return response
 
 
 def add_warnings(response: HttpResponse, warnings: list[str]) -> HttpResponse:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.contrib import admin, messages
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
@@ -15,12 +17,29 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from gateway import commitment, dashboard, services
+from gateway import commitment, dashboard, services, web_limits
 from gateway.models import AssociationEvent, AuditEvent, CommitmentRequest, Heartbeat, Instance, Node, Series, Study
 
 admin.site.site_header = "Isthmus DICOM gateway"
 admin.site.site_title = "Isthmus"
 admin.site.index_title = "Administration"
+
+
+class LimitedLoginForm(AdminAuthenticationForm):
+    """The admin login, refused without checking the password while the address or user name is over its limit."""
+
+    def clean(self) -> dict:
+        address = web_limits.client_address(self.request)
+        wait = web_limits.login_blocked(address, self.cleaned_data.get("username") or "")
+        if wait:
+            minutes = -(-wait // 60)
+            raise ValidationError(
+                f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}.", code="throttled"
+            )
+        return super().clean()  # a wrong password sends user_login_failed, which web_limits counts
+
+
+admin.site.login_form = LimitedLoginForm
 
 
 @admin.register(Node)
@@ -121,6 +140,9 @@ class AssociationEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False  # the record of who connected; only retention (ISTHMUS_EVENT_RETENTION_DAYS) prunes it
 
 
 @admin.register(Heartbeat)

@@ -1,9 +1,10 @@
-"""REST API for the node registry (staff only): what the admin does, for scripts."""
+"""REST API for the node registry (admin scope or staff): what the admin does, for scripts."""
 
 from __future__ import annotations
 
 from rest_framework import decorators, response, routers, serializers, viewsets
 
+from dicomweb.auth import AdminScope
 from gateway import services
 from gateway.models import Node
 
@@ -25,6 +26,7 @@ class NodeSerializer(serializers.ModelSerializer):
 class NodeViewSet(viewsets.ModelViewSet):
     queryset = Node.objects.all()
     serializer_class = NodeSerializer
+    permission_classes = [AdminScope]  # who may talk to us is configuration, read or changed
     lookup_field = "name"
 
     @decorators.action(detail=True, methods=["post"])

@@ -36,7 +36,10 @@ class Node(models.Model):
     allow_store = models.BooleanField("C-STORE", default=True)
     allow_worklist = models.BooleanField("Worklist C-FIND", default=True)
     allow_mpps = models.BooleanField("MPPS", default=True)
-    allow_query_retrieve = models.BooleanField("Query/Retrieve", default=True)
+    # Off for new nodes: a modality sends and asks for its worklist; reading the archive back is granted.
+    allow_query_retrieve = models.BooleanField(
+        "Query/Retrieve", default=False, help_text="C-FIND, C-MOVE and C-GET of stored studies."
+    )
     allow_commitment = models.BooleanField("Storage commitment", default=True)
     last_seen_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_seen_address = models.CharField(max_length=64, blank=True, editable=False)

@@ -222,14 +222,17 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
+        # HTTP Basic only when ISTHMUS_API_BASIC_AUTH is true (read per request).
+        "dicomweb.auth.OptionalBasicAuthentication",
     ],
 }
 
 # --- DICOMweb and API access -------------------------------------------------
-# Bearer tokens (API tokens or JWTs) work on /api/ too; staff sessions still do.
+# Bearer tokens (API tokens or JWTs) work on /api/ too; staff sessions still do. An endpoint
+# that declares nothing needs admin scope: configuration is the default, not the exception.
 REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].append("dicomweb.auth.BearerTokenAuthentication")
-REST_FRAMEWORK["DEFAULT_PERMISSION_CLASSES"] = ["dicomweb.auth.ApiScope"]
+REST_FRAMEWORK["DEFAULT_PERMISSION_CLASSES"] = ["dicomweb.auth.AdminScope"]
+REST_FRAMEWORK["EXCEPTION_HANDLER"] = "dicomweb.base.exception_handler"
 REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
 INSTALLED_APPS += ["corsheaders", "drf_spectacular"]
 _CORS = "corsheaders.middleware.CorsMiddleware"
@@ -243,12 +246,12 @@ CORS_URLS_REGEX = r"^/(dicomweb|api)/.*$"
 CORS_EXPOSE_HEADERS = ["Warning", "Content-Location"]
 
 
-def _networks(name: str) -> list:
+def _networks(name: str, default: tuple[str, ...] = ()) -> list:
     """CIDRs from a comma-separated variable; a bad one stops start-up."""
     import ipaddress
 
     networks = []
-    for cidr in env.list(name, []):
+    for cidr in env.list(name, list(default)):
         try:
             networks.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
@@ -281,9 +284,37 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Nodes and worklist orders. DICOMweb is described by GET /dicomweb/ (capabilities).",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
-    "SERVE_PERMISSIONS": ["dicomweb.auth.ApiScope"],
+    "SERVE_PERMISSIONS": ["dicomweb.auth.AnyScope"],
     "PREPROCESSING_HOOKS": ["dicomweb.capabilities.api_endpoints_only"],
 }
+
+# --- Web access: login and token limits, HTTPS behind a proxy (issue 11) -------
+# HTTP Basic login on /api/ (staff user name and password on every request): off unless asked for.
+API_BASIC_AUTH = env.bool("ISTHMUS_API_BASIC_AUTH", False)
+# Failures per source (address; for logins also per user name) before it is refused until its
+# window (seconds) ends, even with good credentials; a limit of 0 turns it off.
+LOGIN_FAILURE_LIMIT = env.int("ISTHMUS_LOGIN_FAILURE_LIMIT", 10, 0)
+LOGIN_FAILURE_WINDOW = env.int("ISTHMUS_LOGIN_FAILURE_WINDOW", 900, 1)
+TOKEN_FAILURE_LIMIT = env.int("ISTHMUS_TOKEN_FAILURE_LIMIT", 50, 0)
+TOKEN_FAILURE_WINDOW = env.int("ISTHMUS_TOKEN_FAILURE_WINDOW", 300, 1)
+# TLS ends at nginx/haproxy in front: secure cookies, HSTS, the proxy's scheme and client address
+# (X-Forwarded-Proto, X-Forwarded-For from ISTHMUS_TRUSTED_PROXIES only), explicit host names.
+BEHIND_HTTPS_PROXY = env.bool("ISTHMUS_BEHIND_HTTPS_PROXY", False)
+TRUSTED_PROXIES = _networks("ISTHMUS_TRUSTED_PROXIES", ("127.0.0.1", "::1"))
+if BEHIND_HTTPS_PROXY:
+    if not ALLOWED_HOSTS or "*" in ALLOWED_HOSTS:
+        env.fail("ISTHMUS_ALLOWED_HOSTS", os.environ.get("ISTHMUS_ALLOWED_HOSTS", ""),
+                 "the host names clients use, e.g. pacs.example.org (not *), with ISTHMUS_BEHIND_HTTPS_PROXY=true")  # fmt: skip
+    if DEBUG:
+        env.fail("ISTHMUS_DEBUG", "true", "false with ISTHMUS_BEHIND_HTTPS_PROXY=true (debug pages show secrets)")
+    if os.environ.get("DJANGO_SECRET_KEY", "").strip() and (len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5):
+        env.fail("DJANGO_SECRET_KEY", "<hidden>", "50 random characters or more, or unset (a key is generated)")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]  # probes and scrapers may reach gunicorn directly
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("ISTHMUS_HSTS_SECONDS", 31_536_000, 0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = True
 
 # --- Celery ----------------------------------------------------------------
 QUEUE_DIR = DATA_DIR / "queue"

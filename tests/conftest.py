@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.core.cache import caches
 from django.db import connection
 
 from gateway.dimse.server import Listener
@@ -79,6 +80,13 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
             process.wait()
 
 
+@pytest.fixture(autouse=True)
+def fresh_rate_limits() -> None:
+    """Per-source counts (gateway/ratelimit.py) live in a cache shared by the whole run: one test's
+    failures from 127.0.0.1 must not block the next test's requests."""
+    caches["ratelimit"].clear()
+
+
 @pytest.fixture
 def listener(transactional_db) -> Iterator[Listener]:
     """Our DIMSE listener on a free loopback port, serving from this test's database."""
@@ -107,6 +115,33 @@ def storescp(tmp_path) -> Iterator[dict]:
 def modality(transactional_db) -> Node:
     """A registered CT modality that may associate from loopback."""
     return Node.objects.create(name="ct-1", ae_title="CT1", host="127.0.0.1", port=104)
+
+
+@pytest.fixture
+def web_with(transactional_db):
+    """Start the real web server (gunicorn) with some settings overridden; yields its base URL."""
+    processes = []
+
+    def start(**env_overrides: str) -> str:
+        port = free_port()
+        gunicorn = (
+            "-m",
+            "gunicorn",
+            "gateway.wsgi",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--no-control-socket",
+        )
+        process = spawn_python(*gunicorn, **env_overrides)
+        processes.append(process)
+        wait_for_port(port, process=process)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        stop_process(process)
 
 
 def echoscu(port: int, calling: str, called: str = "ISTHMUS", host: str = "127.0.0.1") -> subprocess.CompletedProcess:

@@ -1,9 +1,14 @@
-"""REST API for orders (staff only): create, change and cancel orders without HL7, e.g. from a script."""
+"""REST API for orders: create, change and cancel orders without HL7, e.g. from a RIS script.
+
+Orders are clinical data, not configuration: a token with worklist scope changes them (read scope
+reads them), so a RIS script needs no admin scope, and an admin token no patient data.
+"""
 
 from __future__ import annotations
 
 from rest_framework import decorators, exceptions, response, routers, serializers, status, viewsets
 
+from dicomweb.auth import WorklistScope
 from worklist import services
 from worklist.errors import DUPLICATE_KEY, WorklistError
 from worklist.models import Order, Patient, ScheduledStep
@@ -72,6 +77,7 @@ class OrderViewSet(viewsets.ModelViewSet):
     """Orders with their steps; DELETE is not offered: cancel instead, the order stays for the record."""
 
     serializer_class = OrderSerializer
+    permission_classes = [WorklistScope]
     http_method_names = ["get", "post", "put", "patch", "head", "options"]
 
     def get_queryset(self):

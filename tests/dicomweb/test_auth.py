@@ -75,18 +75,20 @@ def test_open_read_network_reads_without_token_but_never_writes(live_server, sto
     assert Instance.objects.count() == 0
 
 
-def test_rest_api_accepts_tokens_by_scope(live_server, storage):
+def test_rest_api_reads_and_changes_nodes_with_admin_scope_only(live_server, storage):
     Node.objects.create(name="ct-1", ae_title="CT1", host="127.0.0.1", port=104)
     reader, writer = bearer(name="reader", write=False), bearer(name="writer", read=False, write=True)
+    admin = bearer(name="admin", read=False, write=False, admin=True)
     node = {"name": "mr-1", "ae_title": "MR1", "host": "127.0.0.1", "port": 104}
 
-    listed = requests.get(f"{live_server.url}/api/nodes/", headers=reader, timeout=10)
-    refused = requests.post(f"{live_server.url}/api/nodes/", json=node, headers=reader, timeout=10)
-    created = requests.post(f"{live_server.url}/api/nodes/", json=node, headers=writer, timeout=10)
+    def nodes(method: str, headers: dict, **body) -> requests.Response:
+        return requests.request(method, f"{live_server.url}/api/nodes/", headers=headers, timeout=10, **body)
 
-    assert listed.status_code == 200
-    assert [entry["name"] for entry in listed.json()] == ["ct-1"]
-    assert refused.status_code == 403
+    assert nodes("GET", reader).status_code == 403  # which modalities exist, and where, is configuration
+    assert nodes("POST", writer, json=node).status_code == 403  # write is STOW-RS only
+    listed, created = nodes("GET", admin), nodes("POST", admin, json=node)
+
+    assert listed.status_code == 200 and [entry["name"] for entry in listed.json()] == ["ct-1"]
     assert created.status_code == 201
     assert Node.objects.filter(name="mr-1").exists()
 
@@ -132,6 +134,19 @@ def test_jwt_scopes_are_enforced(live_server, storage, tmp_path, identity_provid
     assert capabilities(live_server, **reader).status_code == 200
     assert stow(live_server, tmp_path, **reader).status_code == 403
     assert capabilities(live_server, **signed(identity_provider, scope="openid")).status_code == 403
+
+
+def test_jwt_admin_claim_grants_the_node_registry(live_server, storage, identity_provider):
+    admin = signed(identity_provider, scope="openid isthmus.admin")
+    writer = signed(identity_provider, scope="dicomweb.read dicomweb.write")
+    node = {"name": "mr-1", "ae_title": "MR1", "host": "127.0.0.1", "port": 104}
+
+    refused = requests.post(f"{live_server.url}/api/nodes/", json=node, headers=writer, timeout=10)
+    created = requests.post(f"{live_server.url}/api/nodes/", json=node, headers=admin, timeout=10)
+
+    assert refused.status_code == 403
+    assert created.status_code == 201 and Node.objects.filter(name="mr-1").exists()
+    assert capabilities(live_server, **admin).status_code == 403  # admin is not read
 
 
 @pytest.mark.parametrize(

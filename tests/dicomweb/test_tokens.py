@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from dicomweb.models import ApiToken, hash_token
+from tests.conftest import manage
 
 TOKEN_RE = re.compile(r"isth_[A-Za-z0-9_-]{40,}")
 
@@ -40,6 +41,22 @@ def test_create_token_prints_a_token_that_works(live_server, transactional_db):
     assert capabilities(live_server, raw) == 200
 
 
+def test_create_token_with_admin_scope_from_the_command_line(live_server, transactional_db):
+    """`manage.py create_token provisioning --scope admin`, as an administrator types it."""
+    created = manage("create_token", "provisioning", "--scope", "admin")
+
+    assert created.returncode == 0, created.stderr
+    raw = created.stdout.strip()
+    assert TOKEN_RE.fullmatch(raw) and "(admin)" in created.stderr
+    token = ApiToken.objects.get(name="provisioning")
+    assert token.scopes() == ["admin"] and token.key_hash == hash_token(raw)
+    headers = {"Authorization": f"Bearer {raw}"}
+    assert requests.get(f"{live_server.url}/api/nodes/", headers=headers, timeout=10).status_code == 200
+    assert capabilities(live_server, raw) == 403  # admin is not read: no DICOMweb
+    listed = manage("list_tokens").stdout
+    assert next(line for line in listed.splitlines() if line.startswith("provisioning")).split()[2] == "admin"
+
+
 def test_revoke_token_stops_it_at_once(live_server, transactional_db):
     raw = create_token("script", "--scope", "read")
     assert capabilities(live_server, raw) == 200
@@ -64,7 +81,7 @@ def test_list_tokens_never_shows_the_token(transactional_db):
 
 @pytest.mark.parametrize(
     "args",
-    [("--scope", "admin"), ("--scope", ""), ("--expires", "soon"), ("--expires", "90x")],
+    [("--scope", "superuser"), ("--scope", "read,all"), ("--scope", ""), ("--expires", "soon"), ("--expires", "90x")],
 )
 def test_create_token_refuses_bad_options(transactional_db, args):
     with pytest.raises(CommandError):
@@ -99,3 +116,21 @@ def test_admin_shows_a_new_token_once_and_revokes(client, live_server, transacti
 
     assert ApiToken.objects.get(name="ohif").revoked
     assert capabilities(live_server, shown[0]) == 401
+
+
+def test_admin_issues_a_token_with_admin_scope_only(client, live_server, transactional_db):
+    client.force_login(User.objects.create_superuser("admin", "admin@example.org", "pw"))
+    form = client.get("/admin/dicomweb/apitoken/add/").content.decode()
+    assert 'name="can_admin"' in form and 'name="can_worklist"' in form
+
+    page = client.post(
+        "/admin/dicomweb/apitoken/add/",
+        {"name": "provisioning", "can_admin": "on", "expires_at_0": "", "expires_at_1": ""},
+        follow=True,
+    )
+
+    (raw,) = TOKEN_RE.findall(page.content.decode())
+    assert ApiToken.objects.get(name="provisioning").scopes() == ["admin"]
+    headers = {"Authorization": f"Bearer {raw}"}
+    assert requests.get(f"{live_server.url}/api/nodes/", headers=headers, timeout=10).status_code == 200
+    assert capabilities(live_server, raw) == 403

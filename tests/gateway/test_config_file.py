@@ -35,7 +35,8 @@ def test_minimal_node_gets_sensible_defaults():
     assert [str(c).split(":")[0] for c in changes] == ["+ node ct-1", "+ node pacs"]
     ct = Node.objects.get(name="ct-1")
     assert ct.enabled and ct.allowed_in and ct.allowed_out
-    assert all(ct.allows(service) for service in ("echo", "store", "worklist", "mpps", "query_retrieve", "commitment"))
+    assert all(ct.allows(service) for service in ("echo", "store", "worklist", "mpps", "commitment"))
+    assert not ct.allows("query_retrieve")  # reading the archive back is granted, not a default
     assert Node.objects.get(name="pacs").allowed_in is False
 
 

@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 from pydicom import dcmread
 
-from gateway.models import Patient, Study
+from gateway.models import Node, Patient, Study
 from tests.conftest import dcmtk, peer_env
 from tests.gateway.qr_data import add_instance
 
@@ -26,6 +26,7 @@ CT_SERIES, MR_SERIES = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.49
 @pytest.fixture
 def archive(listener, modality) -> dict:
     """Three patients: DOE^JANE with two studies (CT+MR, CT), SMITH^JOHN with one, and MÜLLER^HANS in Latin-1."""
+    Node.objects.filter(pk=modality.pk).update(allow_query_retrieve=True)  # off for a new node: granted here
     jane = dict(patient_id="PID1", patient_name="DOE^JANE", birth_date="19700101", sex="F")
     ct = [add_instance(**jane, study_uid=STUDY_1, series_uid=CT_SERIES, instance_number=n) for n in (1, 2)]
     mr = add_instance(

@@ -19,6 +19,7 @@ STUDY, OTHER_STUDY = "1.2.826.0.1.3680043.8.498.21", "1.2.826.0.1.3680043.8.498.
 @pytest.fixture
 def archive(listener, modality, settings) -> dict:
     """One study of three instances (two CT, one MR), and another study that must never be sent."""
+    Node.objects.filter(pk=modality.pk).update(allow_query_retrieve=True)  # off for a new node: granted here
     instances = [add_instance(study_uid=STUDY, instance_number=n) for n in (1, 2)]
     instances.append(add_instance(study_uid=STUDY, modality="MR", series_number=2, source="MR_small.dcm"))
     add_instance(study_uid=OTHER_STUDY, patient_id="PID9")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -39,3 +40,18 @@ def test_an_unreachable_cache_counts_nothing_and_refuses_nobody() -> None:
     with override_settings(CACHES=caches):
         assert all(ratelimit.hit("hl7", "10.1.1.1", limit=1, window=60) for _ in range(3))
         assert not ratelimit.blocked("hl7", "10.1.1.1", limit=1)
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_a_window_ends_on_time_however_many_hits_it_had(tmp_path, backend) -> None:
+    """The file cache's incr() rewrites an entry with the default timeout (300 s): the window must not stretch."""
+    caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    with override_settings(CACHES={**caches, "ratelimit": _caches(tmp_path)[backend]}):
+        source = f"10.0.1.{uuid.uuid4().int % 250}"
+        assert [ratelimit.hit("token", source, limit=1, window=1) for _ in range(4)] == [True, False, False, False]
+        assert ratelimit.blocked("token", source, limit=1) and ratelimit.retry_after("token", source) == 1
+
+        time.sleep(1.2)
+
+        assert not ratelimit.blocked("token", source, limit=1) and ratelimit.retry_after("token", source) == 0
+        assert ratelimit.hit("token", source, limit=1, window=1)

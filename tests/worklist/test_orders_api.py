@@ -1,4 +1,4 @@
-"""Orders through the REST API (staff only): create, change, cancel, as a script would."""
+"""Orders through the REST API: create, change, cancel, as a RIS script would (staff session or worklist token)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,25 @@ def test_anonymous_and_non_staff_are_refused(db):
     user.force_authenticate(User.objects.create_user("nurse", password="x"))
     assert user.post(URL, new_order(), format="json").status_code == 403
     assert not Order.objects.exists()
+
+
+def test_a_ris_script_with_a_worklist_token_manages_orders_and_nothing_else(db):
+    from dicomweb.models import ApiToken
+
+    _ris, ris_raw = ApiToken.issue("ris", read=False, worklist=True)
+    _viewer, viewer_raw = ApiToken.issue("viewer", read=True)
+    ris, viewer = (
+        APIClient(HTTP_AUTHORIZATION=f"Bearer {ris_raw}"),
+        APIClient(HTTP_AUTHORIZATION=f"Bearer {viewer_raw}"),
+    )
+
+    created = ris.post(URL, new_order("RIS-1"), format="json")
+    order_url = f"{URL}{created.json()['id']}/"
+    changed = ris.patch(order_url, {"requested_procedure_priority": "HIGH"}, format="json")
+    refused = viewer.post(f"{order_url}cancel/", format="json")
+    cancelled = ris.post(f"{order_url}cancel/", format="json")
+
+    assert (created.status_code, changed.status_code, cancelled.status_code) == (201, 200, 200)
+    assert refused.status_code == 403 and viewer.get(URL).status_code == 200  # read scope lists, never changes
+    assert Order.objects.get(accession_number="RIS-1").status == "CANCELED"
+    assert ris.get("/api/nodes/").status_code == 403  # no configuration

@@ -1,4 +1,8 @@
-"""`manage.py create_token NAME --scope read,write --expires 90d`: issue an API token and print it, once."""
+"""`manage.py create_token NAME --scope read,write --expires 90d`: issue an API token and print it, once.
+
+Scopes: read (QIDO-RS, WADO-RS), write (STOW-RS), worklist (orders through the API), admin
+(nodes and configuration through the API); comma-separated, none implies another.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,14 @@ from django.utils.dateparse import parse_datetime
 
 from dicomweb.models import ApiToken
 
-SCOPES = {"read", "write"}
+SCOPES = ("read", "write", "worklist", "admin")
 UNITS = {"d": "days", "h": "hours", "w": "weeks"}
 
 
 def parse_scopes(text: str) -> set[str]:
     scopes = {word.strip().lower() for word in text.split(",") if word.strip()}
-    if not scopes or scopes - SCOPES:
-        raise CommandError(f"--scope must be read, write or read,write, not {text!r}")
+    if not scopes or scopes - set(SCOPES):
+        raise CommandError(f"--scope must be one or more of {','.join(SCOPES)} (comma-separated), not {text!r}")
     return scopes
 
 
@@ -40,7 +44,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("name", help="who or what uses it (unique)")
-        parser.add_argument("--scope", default="read", help="read, write or read,write (default read)")
+        parser.add_argument(
+            "--scope", default="read", help="read, write, worklist, admin, comma-separated (default read)"
+        )
         parser.add_argument("--expires", default=None, help="90d, 12h, 2w or an ISO date-time (default never)")
 
     def handle(self, *args, name: str, scope: str, expires: str | None, **options) -> None:
@@ -48,7 +54,7 @@ class Command(BaseCommand):
         expires_at = parse_expiry(expires, timezone.now())
         if ApiToken.objects.filter(name=name).exists():
             raise CommandError(f"a token named {name!r} exists (revoke_token {name}, or choose another name)")
-        _token, raw = ApiToken.issue(name, read="read" in scopes, write="write" in scopes, expires_at=expires_at)
+        token, raw = ApiToken.issue(name, **{scope: scope in scopes for scope in SCOPES}, expires_at=expires_at)
         self.stdout.write(raw)
         until = f"until {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else "with no expiry"
-        self.stderr.write(f"token {name!r} ({','.join(sorted(scopes))}) {until}; copy it now, it is not shown again")
+        self.stderr.write(f"token {name!r} ({','.join(token.scopes())}) {until}; copy it now, it is not shown again")

@@ -17,13 +17,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         now = timezone.now()
-        self.stdout.write(f"{'name':24} {'prefix':12} {'scope':10} {'expires':16} {'last used':16} state")
+        self.stdout.write(f"{'name':24} {'prefix':12} {'scope':24} {'expires':16} {'last used':16} state")
         for token in ApiToken.objects.all():
-            scope = ",".join(
-                name for name, granted in (("read", token.can_read), ("write", token.can_write)) if granted
-            )
+            scope = ",".join(token.scopes())
             state = "revoked" if token.revoked else "active" if token.usable(now) else "expired"
             self.stdout.write(
-                f"{token.name:24} {token.prefix:12} {scope or '-':10} "
+                f"{token.name:24} {token.prefix:12} {scope or '-':24} "
                 f"{_when(token.expires_at):16} {_when(token.last_used_at):16} {state}"
             )
