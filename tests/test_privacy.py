@@ -241,3 +241,29 @@ def test_patient_name_id_and_birth_date_reach_no_log_on_any_path(tmp_path, level
     for path in written_files(gateway):
         found += [f"{path.relative_to(gateway.data_dir)}: {leak}" for leak in leaks(path.read_bytes())]
     assert found == [], "\n".join(found)
+
+
+def test_data_directory_and_everything_in_it_are_private_to_the_gateway_user(tmp_path):
+    gateway = RunningGateway(tmp_path)
+    gateway.data_dir.mkdir()
+    gateway.data_dir.chmod(0o755)  # as an earlier version, or a hand-made directory, left it
+    gateway.start()
+    try:
+        assert gateway.manage("import_config", "-", stdin=NODES).returncode == 0
+        stored = storescu(gateway, "CT1", instance(tmp_path / "ct.dcm"))
+        assert stored.returncode == 0, stored.stdout + stored.stderr
+        instances = list((gateway.data_dir / "storage").rglob("*.dcm"))
+        assert len(instances) == 1, "the instance is in the store"
+        database = [path.name for path in gateway.data_dir.glob("isthmus.sqlite3*")]
+        assert {"isthmus.sqlite3", "isthmus.sqlite3-wal", "isthmus.sqlite3-shm"} <= set(database)
+        open_to_others = [
+            f"{oct(path.stat().st_mode & 0o777)} {path.relative_to(tmp_path)}"
+            for path in [gateway.data_dir, *gateway.data_dir.rglob("*")]
+            if path.stat().st_mode & 0o077
+        ]
+    finally:
+        gateway.stop()
+    assert open_to_others == []
+    assert (gateway.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
+    assert instances[0].stat().st_mode & 0o777 == 0o600 and instances[0].parent.stat().st_mode & 0o777 == 0o700
+    assert f"{gateway.data_dir} was open to other users (mode 0755); now 0700" in gateway.output().decode()
