@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, free_port
 from tests.running import RunningGateway
 from tests.worklist.hl7_messages import adt, message, msh, orm, pid, segment
 from tests.worklist.test_mpps import final, in_progress
@@ -203,6 +204,22 @@ def send_web(gateway: RunningGateway, workdir: Path, token: str) -> None:
         raw.recv(4096)
 
 
+def forwarding_to_nowhere() -> str:
+    """A rule sending everything to a DICOMweb destination where nothing listens: delivery fails and is logged."""
+    return f"""destinations:
+  - {{name: cloud, kind: dicomweb, url: "http://127.0.0.1:{free_port()}/dicomweb", retry_first_delay: 0.5}}
+rules:
+  - {{name: everything, conditions: {{}}, destinations: [cloud]}}
+"""
+
+
+def wait_for(gateway: RunningGateway, text: bytes, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in gateway.output():
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout} s"
+        time.sleep(0.2)
+
+
 def leaks(blob: bytes) -> list[str]:
     """Every line holding one of the patient's values, whatever its case."""
     needles = [needle.lower() for needle in NEEDLES]
@@ -224,7 +241,7 @@ def written_files(gateway: RunningGateway) -> list[Path]:
 def test_patient_name_id_and_birth_date_reach_no_log_on_any_path(tmp_path, level):
     gateway = RunningGateway(tmp_path, ISTHMUS_LOG_LEVEL=level, ISTHMUS_REQUIRE_KNOWN_HL7_SENDER="false").start()
     try:
-        registered = gateway.manage("import_config", "-", stdin=NODES)
+        registered = gateway.manage("import_config", "-", stdin=NODES + forwarding_to_nowhere())
         assert registered.returncode == 0, registered.stderr
         token = gateway.manage("create_token", "privacy-test", "--scope", "read,write")
         assert token.returncode == 0, token.stderr
@@ -232,6 +249,7 @@ def test_patient_name_id_and_birth_date_reach_no_log_on_any_path(tmp_path, level
         send_mpps(gateway)
         send_hl7(gateway)
         send_web(gateway, tmp_path, token.stdout.strip())
+        wait_for(gateway, b"forward job")  # the worker tried to forward the patient's instances, and failed
     finally:
         gateway.stop()
     output = gateway.output()
