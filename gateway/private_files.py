@@ -46,9 +46,22 @@ def read_or_create(path: Path, generate: Callable[[], str]) -> str:
                 handle.write(generate())
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.link(temp, path)
-        except FileExistsError:
-            pass  # another process won the race: read its key
+            _link_once(temp, path)
         finally:
             os.unlink(temp)
     return path.read_text().strip()
+
+
+def _link_once(temp: str, path: Path) -> None:
+    """Put the written key at `path` unless a key is there already."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        pass  # another process won the race: read its key
+    except OSError:  # a filesystem without hard links: create exclusively, then write
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(Path(temp).read_text())
