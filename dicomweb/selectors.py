@@ -63,6 +63,7 @@ DEFAULTS = {
 }
 CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 # Values that may be lists in QIDO: commas (PS3.18 8.3.4.1) become DICOM's backslash.
 _LIST_VRS = {"UI", "CS"}
 
@@ -102,7 +103,9 @@ def _keyword(attribute_id: str) -> str:
             return keyword
     elif tag_for_keyword(attribute_id) is not None:
         return attribute_id
-    raise DicomWebError(400, f"unknown attribute {attribute_id[:64]!r}")
+    # Echoed (and logged) only if shaped like a keyword: a value typed where a name belongs stays out of the log.
+    shown = repr(attribute_id) if _NAME.fullmatch(attribute_id) else "(neither a keyword nor a tag)"
+    raise DicomWebError(400, f"unknown attribute {shown}")
 
 
 def _int_param(params: Mapping[str, Sequence[str]], name: str, default: int) -> int:

@@ -6,7 +6,8 @@ class GatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
-        from gateway import web_limits  # noqa: F401 - connects the login signals
+        from gateway import privacy, web_limits  # noqa: F401 - web_limits connects the login signals
         from gateway.dimse import reactor
 
         reactor.install()  # every process that opens associations: listener, worker, web (Verify)
+        privacy.quiet_pydicom()  # every process reads data sets; pydicom's warnings quote patient data

@@ -19,6 +19,7 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
+from gateway.encryption import UndecryptableSecret
 from gateway.models import Node
 from routing.models import Destination, Rule
 
@@ -66,7 +67,7 @@ SECTIONS: dict[str, Section] = {
     "nodes": Section("nodes", "node", Node, NODE_FIELDS, ("name", "ae_title", "host", "port")),
     "destinations": Section(
         "destinations", "destination", Destination, DESTINATION_FIELDS, ("name", "kind"),
-        refs={"node": Node}, secrets=("password", "token", "oauth_client_secret"), omit_blank=True,
+        refs={"node": Node}, secrets=Destination.SECRETS, omit_blank=True,
     ),
     "rules": Section(
         "rules", "rule", Rule, RULE_FIELDS, ("name", "destinations", "conditions"),
@@ -129,16 +130,21 @@ def _objects(section: Section) -> models.QuerySet:
 def export_config(*, include_secrets: bool = False) -> str:
     """The whole registry as YAML, one mapping per object, ordered by name."""
     document: dict[str, list[dict[str, Any]]] = {}
+    unreadable = []
     for section in SECTIONS.values():
         entries = []
         for obj in _objects(section):
             entry = {}
             for key in section.fields:
                 value = _file_value(section, obj, key)
+                if include_secrets and isinstance(value, UndecryptableSecret):
+                    unreadable.append(f"{section.noun} {obj.name!r}: field {key!r} {value.reason}")
                 if not _omitted(section, key, value):
                     entry[key] = value if include_secrets else _mask(section, key, value)
             entries.append(entry)
         document[section.key] = entries
+    if unreadable:
+        raise ConfigError(unreadable)
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
 

@@ -14,17 +14,21 @@ from pathlib import Path
 
 import dj_database_url
 
+from gateway import private_files
 from gateway.env import Env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = Env()
 
 # --- Isthmus ---------------------------------------------------------------
+# Every process imports this module before it writes a file: new files 0600, directories 0700.
+private_files.restrict_umask()
 DATA_DIR = Path(env.str("ISTHMUS_DATA_DIR", str(BASE_DIR / "data"))).expanduser().resolve()
 try:
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not os.access(DATA_DIR, os.W_OK):
         raise PermissionError(str(DATA_DIR))
+    private_files.close_directory(DATA_DIR)
 except OSError:
     env.fail("ISTHMUS_DATA_DIR", str(DATA_DIR), "a directory Isthmus can create and write")
 
@@ -66,6 +70,8 @@ MAX_INSTANCE_BYTES = env.int("ISTHMUS_MAX_INSTANCE_MB", 5 * 1024, 1) * 1024 * 10
 EVENT_RETENTION_DAYS = env.int("ISTHMUS_EVENT_RETENTION_DAYS", 90, 1)
 # Where received instances live: <root>/<study>/<series>/<sop>.dcm
 STORAGE_DIR = Path(env.str("ISTHMUS_STORAGE_DIR", str(DATA_DIR / "storage"))).expanduser().resolve()
+if STORAGE_DIR.is_dir() and not STORAGE_DIR.is_relative_to(DATA_DIR):
+    private_files.close_directory(STORAGE_DIR)
 # Same SOP Instance UID, different bytes: keep-first (answer success, keep the old), replace, or reject.
 DUPLICATE_POLICY = env.choice("ISTHMUS_DUPLICATE_POLICY", "keep-first", ("keep-first", "replace", "reject"))
 # What Storage Commitment promises: "stored" here and indexed, or also "delivered" to every destination.
@@ -105,13 +111,7 @@ def _secret_key() -> str:
         return from_env
     path = DATA_DIR / "secret_key"
     try:
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(50))
-        return path.read_text().strip()
-    except FileExistsError:  # another process won the race; read its key
-        return path.read_text().strip()
+        return private_files.read_or_create(path, lambda: secrets.token_urlsafe(50))
     except OSError:
         if not any("ISTHMUS_DATA_DIR" in error for error in env.errors):
             env.fail("DJANGO_SECRET_KEY", "", f"a value, or a writable {path}")
@@ -119,6 +119,23 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+
+def _secrets_key() -> str:
+    """ISTHMUS_SECRETS_KEY: the Fernet key of destination secrets; blank: one generated into DATA_DIR/secrets_key."""
+    from cryptography.fernet import Fernet
+
+    key = env.str("ISTHMUS_SECRETS_KEY", "")
+    if key:
+        try:
+            Fernet(key)
+        except ValueError:
+            env.fail("ISTHMUS_SECRETS_KEY", "(hidden)", "a Fernet key: 32 url-safe base64-encoded bytes")
+            return ""
+    return key
+
+
+SECRETS_KEY = _secrets_key()
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -373,10 +390,17 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Query strings in any line (a URL in an error) show parameter names, never values (gateway/privacy.py).
+    "filters": {"private": {"()": "gateway.privacy.MaskQueryStrings"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["private"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # pynetdicom logs dataset contents (patient data) below WARNING.
-    "loggers": {"pynetdicom": {"level": "WARNING"}},
+    "loggers": {
+        # Patient data at every level: pynetdicom dumps data sets below WARNING, pydicom's warnings quote
+        # invalid values (a birth date), Django's SQL log (ISTHMUS_DEBUG) carries query parameters.
+        "pynetdicom": {"level": "WARNING"},
+        "pydicom": {"level": "ERROR"},
+        "django.db.backends": {"level": "INFO"},
+    },
 }
 
 if env.errors:

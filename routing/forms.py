@@ -8,6 +8,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from gateway.encryption import UndecryptableSecret
 from routing.models import Destination, Rule
 from routing.rules import validate_conditions as validate_rule_conditions
 
@@ -44,7 +45,7 @@ class RuleForm(forms.ModelForm):
         return conditions
 
 
-SECRETS = ("password", "token", "oauth_client_secret")
+SECRETS = Destination.SECRETS
 
 
 def _https_by_default(db_field, **kwargs) -> forms.Field | None:
@@ -66,7 +67,12 @@ class DestinationForm(forms.ModelForm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         for name in SECRETS:
-            if name in self.fields and self.instance.pk and getattr(self.instance, name):
+            stored = getattr(self.instance, name) if self.instance.pk else ""
+            if name not in self.fields or not stored:
+                continue
+            if isinstance(stored, UndecryptableSecret):
+                self.fields[name].help_text = f"Set, but it {stored.reason}."
+            else:
                 self.fields[name].help_text = "Set; leave blank to keep it, or type a new one."
 
     def _keep_secret(self, name: str) -> str:

@@ -12,11 +12,14 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
+from gateway.encryption import EncryptedField
 from gateway.models import Instance, Node
 
 
 class Destination(models.Model):
     """A place instances are delivered to: a DIMSE node (C-STORE) or a DICOMweb service (STOW-RS)."""
+
+    SECRETS = ("password", "token", "oauth_client_secret")
 
     class Kind(models.TextChoices):
         DIMSE = "dimse", "DIMSE C-STORE"
@@ -42,11 +45,12 @@ class Destination(models.Model):
     url = models.URLField(max_length=500, blank=True, help_text="DICOMweb base URL (STOW-RS posts to URL/studies).")
     auth = models.CharField(max_length=16, choices=Auth.choices, default=Auth.NONE)
     username = models.CharField(max_length=255, blank=True)
-    password = models.CharField(max_length=255, blank=True, help_text="HTTP basic password.")
-    token = models.CharField(max_length=2000, blank=True, help_text="Static bearer token.")
+    # Secrets: encrypted in the database (gateway/encryption.py), never shown again by the admin or an export.
+    password = EncryptedField(max_length=255, blank=True, help_text="HTTP basic password.")
+    token = EncryptedField(max_length=2000, blank=True, help_text="Static bearer token.")
     oauth_token_url = models.URLField(max_length=500, blank=True)
     oauth_client_id = models.CharField(max_length=255, blank=True)
-    oauth_client_secret = models.CharField(max_length=255, blank=True)
+    oauth_client_secret = EncryptedField(max_length=255, blank=True)
     oauth_scope = models.CharField(max_length=255, blank=True)
     verify_tls = models.BooleanField(default=True)
     ca_bundle = models.CharField(max_length=500, blank=True, help_text="Path to a CA bundle; blank uses the system's.")

@@ -101,7 +101,7 @@ def _check_create(sop_instance_uid: str, attributes: Dataset) -> None:
         _require(item, ("StudyInstanceUID",), f"Scheduled Step Attributes Sequence item {number}: ")
     status = _text(attributes, "PerformedProcedureStepStatus", 16)
     if status != IN_PROGRESS:
-        raise MppsError(Status.INVALID_ATTRIBUTE_VALUE, f"N-CREATE with status {status!r}, not IN PROGRESS")
+        raise MppsError(Status.INVALID_ATTRIBUTE_VALUE, "N-CREATE status must be IN PROGRESS")
 
 
 def _scheduled_steps(attributes: Dataset) -> list[ScheduledStep]:
@@ -185,9 +185,7 @@ def _check_set(performed: PerformedStep, merged: Dataset) -> str:
         )
     status = _text(merged, "PerformedProcedureStepStatus", 16)
     if status not in (IN_PROGRESS, *FINAL):
-        raise MppsError(
-            Status.INVALID_ATTRIBUTE_VALUE, f"status {status!r} is not IN PROGRESS, COMPLETED or DISCONTINUED"
-        )
+        raise MppsError(Status.INVALID_ATTRIBUTE_VALUE, "status must be IN PROGRESS, COMPLETED or DISCONTINUED")
     if status in FINAL:
         _require(merged, FINAL_REQUIRED)
         if "PerformedSeriesSequence" not in merged:

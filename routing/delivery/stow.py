@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from gateway.encryption import UndecryptableSecret
 from routing.delivery import DEAD, DELIVERED, RETRY, DeliveryError, Item, Result, dicom_status_outcome
 from routing.models import Destination
 from routing.ratelimit import Pacer
@@ -73,6 +74,10 @@ _tokens_lock = threading.Lock()
 
 def session_for(destination: Destination, *, fresh_token: bool = False) -> requests.Session:
     """A requests session with the destination's auth, TLS verification and CA bundle."""
+    for name in Destination.SECRETS:
+        secret = getattr(destination, name)
+        if isinstance(secret, UndecryptableSecret):  # retried: restoring the key lets the jobs go
+            raise DeliveryError(f"the {name.replace('_', ' ')} of destination {destination.name} {secret.reason}")
     session = requests.Session()
     session.verify = destination.ca_bundle or destination.verify_tls
     session.headers["Accept-Encoding"] = "identity"

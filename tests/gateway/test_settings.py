@@ -30,6 +30,12 @@ from tests.conftest import manage, peer_env
         ("DATABASE_URL", "oracle://x", "isthmus: invalid DATABASE_URL='oracle://x'"),
         ("CELERY_BROKER_URL", "kafka://x", "isthmus: invalid CELERY_BROKER_URL='kafka://x'"),
         ("ISTHMUS_DATA_DIR", "/proc/isthmus", "isthmus: invalid ISTHMUS_DATA_DIR='/proc/isthmus'"),
+        # A secret is never echoed, not even a wrong one.
+        (
+            "ISTHMUS_SECRETS_KEY",
+            "not-a-fernet-key",
+            "isthmus: invalid ISTHMUS_SECRETS_KEY='(hidden)': expected a Fernet",
+        ),
     ],
 )
 def test_invalid_value_stops_start_up_naming_the_variable(name, value, expected):

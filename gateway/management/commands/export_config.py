@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from gateway.config_file import export_config
+from gateway.config_file import ConfigError, export_config
 
 
 class Command(BaseCommand):
@@ -19,7 +19,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, file: str | None, include_secrets: bool, **options) -> None:
-        text = export_config(include_secrets=include_secrets)
+        try:
+            text = export_config(include_secrets=include_secrets)
+        except ConfigError as exc:  # a secret the current key cannot decrypt
+            for error in exc.errors:
+                self.stderr.write(f"error: {error}")
+            raise CommandError("nothing exported") from exc
         if file:
             with open(file, "w", encoding="utf-8") as handle:
                 handle.write(text)

@@ -36,7 +36,9 @@ def process_commands() -> dict[str, list[str]]:
     python = sys.executable
     manage = str(Path(settings.BASE_DIR) / "manage.py")
     return {
-        "web": [python, "-m", "gunicorn", "gateway.wsgi", "--bind", f"{settings.HTTP_HOST}:{settings.HTTP_PORT}",
+        # gunicorn.conf.py: the private access log (gateway/weblog.py) and umask.
+        "web": [python, "-m", "gunicorn", "gateway.wsgi", "--config", str(Path(settings.BASE_DIR) / "gunicorn.conf.py"),
+                "--bind", f"{settings.HTTP_HOST}:{settings.HTTP_PORT}",
                 "--workers", str(settings.WEB_WORKERS), "--threads", "4", "--graceful-timeout", "10",
                 "--access-logfile", "-", "--log-level", settings.LOG_LEVEL.lower(), "--no-control-socket"],
         "dimse": [python, manage, "dimse"],
