@@ -50,7 +50,7 @@ def decide(*, address: str, message_type: str) -> Verdict:
         ip = ipaddress.ip_address(address)
     except ValueError:
         ip = None
-    covering = [s for s in Hl7Sender.objects.filter(enabled=True) if ip is not None and ip in s.network]
+    covering = [sender for sender in Hl7Sender.objects.filter(enabled=True) if ip is not None and sender.covers(ip)]
     if not covering:
         if not settings.REQUIRE_KNOWN_HL7_SENDER:
             return Verdict(True)

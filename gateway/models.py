@@ -292,7 +292,7 @@ class Hl7Sender(models.Model):
         return f"{self.name} ({self.host})"
 
     def clean(self) -> None:
-        """Message types as HL7 writes them (MSH-9.1^MSH-9.2, upper case); the admin and the config file both call this."""
+        """Message types as MSH-9 writes them (ORM^O01, upper case); the admin and import_config both call this."""
         types = self.message_types if self.message_types is not None else []
         if not isinstance(types, list) or not all(isinstance(item, str) for item in types):
             raise ValidationError({"message_types": "A list of message types such as [ORM^O01, ADT^A08]."})
@@ -304,6 +304,12 @@ class Hl7Sender(models.Model):
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.host.strip(), strict=False)
+
+    def covers(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        try:
+            return ip in self.network
+        except ValueError:  # a host written around validation covers nothing
+            return False
 
     def allows(self, message_type: str) -> bool:
         return not self.message_types or message_type in self.message_types

@@ -36,12 +36,24 @@ def handle_message(raw: bytes, peer: str = "") -> bytes:
         refusal = _admit(header, hl7_senders.peer_ip(peer))
         return refusal if refusal is not None else _apply(raw, peer)
     except UNAVAILABLE as exc:
-        first_line = str(exc).strip().split("\n", 1)[0][:200]
-        log.error("HL7 %s control=%s not applied, database unavailable (%s: %s): AR, the sender retries",
-                  header.message_type or "(unknown)", header.control_id or "-", type(exc).__name__, first_line)  # fmt: skip
+        log.error("HL7 %s control=%s not applied, database unavailable (%s): AR, the sender retries",
+                  header.message_type or "(unknown)", header.control_id or "-", _cause(exc))  # fmt: skip
         metrics.MESSAGES.labels("AR", "database-unavailable").inc()
         answer = ack.build(header, "AR", error_text="database unavailable: retry later", error_code=RECORD_LOCKED)
         return ack.encode(answer, header.encoding)
+    except Exception as exc:  # a bug before the message was read: refuse it, say so, keep the connection
+        log.error("HL7 %s control=%s not admitted: %s", header.message_type or "(unknown)", header.control_id or "-",
+                  type(exc).__name__)  # fmt: skip
+        log.debug("HL7 admission failure detail", exc_info=True)
+        metrics.MESSAGES.labels("AR", "internal-error").inc()
+        return ack.encode(ack.build(header, "AR", error_text="internal error", error_code=INTERNAL_ERROR),
+                          header.encoding)  # fmt: skip
+
+
+def _cause(exc: Exception) -> str:
+    """The error's class and first line: the driver's reason (refused, locked), not the query's values."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _admit(header: mapping.Header, address: str) -> bytes | None:
