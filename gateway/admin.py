@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.core.exceptions import ValidationError
@@ -18,7 +19,18 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from gateway import commitment, dashboard, services, web_limits
-from gateway.models import AssociationEvent, AuditEvent, CommitmentRequest, Heartbeat, Instance, Node, Series, Study
+from gateway.models import (
+    AssociationEvent,
+    AuditEvent,
+    CommitmentRequest,
+    Heartbeat,
+    Hl7Refusal,
+    Hl7Sender,
+    Instance,
+    Node,
+    Series,
+    Study,
+)
 
 admin.site.site_header = "Isthmus DICOM gateway"
 admin.site.site_title = "Isthmus"
@@ -378,6 +390,59 @@ class CommitmentRequestAdmin(ReadOnlyAdmin):
     def retry_now(self, request: HttpRequest, queryset: QuerySet[CommitmentRequest]) -> None:
         count = commitment.retry_now(commitment_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{count} commitment report(s) queued for delivery.", messages.SUCCESS)
+
+
+# --- HL7 senders: who may send to the HL7 port, and who was refused ----------------------
+
+
+class MessageTypesField(forms.CharField):
+    """The allowed message types typed as "ORM^O01, ADT^A08" (blank: all), kept as a list."""
+
+    def prepare_value(self, value: object) -> object:
+        return ", ".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value: object) -> list[str]:
+        text = super().to_python(value)
+        return [item for item in text.replace(",", " ").split() if item]
+
+
+class Hl7SenderForm(forms.ModelForm):
+    message_types = MessageTypesField(
+        required=False,
+        help_text="Comma-separated, e.g. ORM^O01, ADT^A08; blank allows every type Isthmus handles.",
+    )
+
+    class Meta:
+        model = Hl7Sender
+        fields = ("name", "host", "message_types", "description", "enabled")
+
+
+@admin.register(Hl7Sender)
+class Hl7SenderAdmin(admin.ModelAdmin):
+    form = Hl7SenderForm
+    list_display = ("name", "host", "types", "enabled", "last_seen", "description")
+    list_filter = ("enabled",)
+    search_fields = ("name", "host", "description")
+    readonly_fields = ("last_seen_at", "last_seen_address", "created_at", "updated_at")
+    fieldsets = ((None, {"fields": Hl7SenderForm.Meta.fields}), ("Status", {"fields": readonly_fields}))
+
+    @admin.display(description="message types")
+    def types(self, sender: Hl7Sender) -> str:
+        return ", ".join(sender.message_types) or "all"
+
+    @admin.display(description="last seen", ordering="last_seen_at")
+    def last_seen(self, sender: Hl7Sender) -> str:
+        if sender.last_seen_at is None:
+            return "never"
+        return f"{timesince(sender.last_seen_at)} ago from {sender.last_seen_address}"
+
+
+@admin.register(Hl7Refusal)
+class Hl7RefusalAdmin(ReadOnlyAdmin):
+    list_display = ("last_at", "peer_address", "reason", "message_type", "control_id", "count", "sender", "first_at")
+    list_filter = ("reason", ("last_at", admin.DateFieldListFilter))
+    search_fields = ("peer_address", "control_id")
+    list_select_related = ("sender",)
 
 
 # --- The dashboard above the app list (templates/admin/index.html) -------------------

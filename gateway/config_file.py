@@ -1,6 +1,6 @@
 """Configuration as a file: export the registry as YAML, import it back as a diff.
 
-A section present in the file (`nodes`, `destinations`, `rules`) is the desired
+A section present in the file (`nodes`, `destinations`, `rules`, `hl7_senders`) is the desired
 state of that section: objects are created, changed, or deleted to match it.
 Everything is validated before anything is written. Objects refer to each
 other by name (a destination's `node`, a rule's `destinations`), also to
@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
 from gateway.encryption import UndecryptableSecret
-from gateway.models import Node
+from gateway.models import Hl7Sender, Node
 from routing.models import Destination, Rule
 
 SECRET_MASK = "********"
@@ -63,6 +63,7 @@ DESTINATION_FIELDS = (
     "retry_attempts", "retry_first_delay", "retry_multiplier", "retry_max_delay", "retry_max_age",
 )  # fmt: skip
 RULE_FIELDS = ("name", "description", "order", "enabled", "default", "stop", "conditions", "destinations")
+HL7_SENDER_FIELDS = ("name", "host", "message_types", "description", "enabled")
 SECTIONS: dict[str, Section] = {
     "nodes": Section("nodes", "node", Node, NODE_FIELDS, ("name", "ae_title", "host", "port")),
     "destinations": Section(
@@ -73,6 +74,9 @@ SECTIONS: dict[str, Section] = {
         "rules", "rule", Rule, RULE_FIELDS, ("name", "destinations", "conditions"),
         many={"destinations": Destination}, aliases={"default": "is_default"},
         checks={"conditions": _condition_errors}, omit_blank=True,
+    ),
+    "hl7_senders": Section(
+        "hl7_senders", "HL7 sender", Hl7Sender, HL7_SENDER_FIELDS, ("name", "host"), omit_blank=True,
     ),
 }  # fmt: skip
 RESERVED: tuple[str, ...] = ()  # sections a later version may add
@@ -156,7 +160,7 @@ def _load(text: str) -> dict[str, Any]:
     if document is None:
         return {}
     if not isinstance(document, dict):
-        raise ConfigError(["the file must be a mapping with lists nodes, destinations, rules"])
+        raise ConfigError(["the file must be a mapping with lists nodes, destinations, rules, hl7_senders"])
     unknown = sorted(set(document) - set(SECTIONS) - set(RESERVED))
     if unknown:
         raise ConfigError([f"unknown top-level key {key!r}" for key in unknown])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -244,3 +247,97 @@ class CommitmentRequest(models.Model):
 
     def __str__(self) -> str:
         return self.transaction_uid
+
+
+# --- HL7 senders: who may send orders and demographics to the HL7 port (docs/security.md). ---
+
+MESSAGE_TYPE_RE = re.compile(r"^[A-Z0-9]{3}\^[A-Z0-9]{3}$")
+
+
+def validate_network(value: str) -> None:
+    """An IPv4/IPv6 address or a CIDR network whose host bits are zero (10.1.2.0/24, not 10.1.2.3/24)."""
+    try:
+        ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValidationError("An IP address (10.1.2.3) or a network (10.1.2.0/24).") from None
+        raise ValidationError(f"{value} has host bits set: the network is {network}.") from None
+
+
+class Hl7Sender(models.Model):
+    """A system (RIS, HIS, interface engine) allowed to send HL7 from an address or network."""
+
+    name = models.SlugField(max_length=64, unique=True, help_text="Short unique name, used in config files.")
+    host = models.CharField(
+        max_length=64,
+        validators=[validate_network],
+        help_text="IP address or CIDR network (10.1.2.0/24) messages may come from.",
+    )
+    message_types = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Allowed message types, e.g. ORM^O01, ADT^A08; blank allows every type Isthmus handles.",
+    )
+    description = models.CharField(max_length=255, blank=True)
+    enabled = models.BooleanField(default=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_seen_address = models.CharField(max_length=64, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "HL7 sender"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.host})"
+
+    def clean(self) -> None:
+        """Message types as MSH-9 writes them (ORM^O01, upper case); the admin and import_config both call this."""
+        types = self.message_types if self.message_types is not None else []
+        if not isinstance(types, list) or not all(isinstance(item, str) for item in types):
+            raise ValidationError({"message_types": "A list of message types such as [ORM^O01, ADT^A08]."})
+        self.message_types = list(dict.fromkeys(item.strip().upper() for item in types if item.strip()))
+        bad = [item for item in self.message_types if not MESSAGE_TYPE_RE.match(item)]
+        if bad:
+            raise ValidationError({"message_types": f"Not a message type (CODE^EVENT, e.g. ORM^O01): {', '.join(bad)}"})
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.host.strip(), strict=False)
+
+    def covers(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        try:
+            return ip in self.network
+        except ValueError:  # a host written around validation covers nothing
+            return False
+
+    def allows(self, message_type: str) -> bool:
+        return not self.message_types or message_type in self.message_types
+
+
+class Hl7Refusal(models.Model):
+    """HL7 messages refused for who sent them: one row per address and reason, counted (bounded by hosts)."""
+
+    class Reason(models.TextChoices):
+        UNKNOWN_SENDER = "unknown-sender", "No enabled HL7 sender covers the address"
+        TYPE_NOT_ALLOWED = "type-not-allowed", "Message type not allowed for the sender"
+
+    peer_address = models.CharField(max_length=64)
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    sender = models.ForeignKey(Hl7Sender, null=True, blank=True, on_delete=models.SET_NULL, related_name="refusals")
+    message_type = models.CharField(max_length=16, blank=True, help_text="of the last refused message")
+    control_id = models.CharField("control ID", max_length=64, blank=True, help_text="MSH-10 of the last one")
+    count = models.PositiveIntegerField(default=0)
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-last_at"]
+        verbose_name = "HL7 refusal"
+        constraints = [models.UniqueConstraint(fields=["peer_address", "reason"], name="hl7_refusal_address_reason")]
+
+    def __str__(self) -> str:
+        return f"{self.peer_address}: {self.get_reason_display()}"

@@ -97,6 +97,17 @@ WORKER_CONCURRENCY = env.int("ISTHMUS_WORKER_CONCURRENCY", 2, 1, 256)
 QIDO_LIMIT = env.int("ISTHMUS_QIDO_LIMIT", 1000, 1, 100_000)
 # QIDO-RS patient-name matching ignores case (viewers type "doe*").
 QIDO_PN_CASE_INSENSITIVE = env.bool("ISTHMUS_QIDO_PN_CASE_INSENSITIVE", True)
+# --- HL7 listener: who may send, and how much (docs/security.md, "HL7 port") ---
+# Messages from an address no registered HL7 sender covers are answered AR (like ISTHMUS_REQUIRE_KNOWN_AE).
+REQUIRE_KNOWN_HL7_SENDER = env.bool("ISTHMUS_REQUIRE_KNOWN_HL7_SENDER", True)
+# Seconds without a complete message before a connection is closed, and for one frame from its first byte.
+HL7_IDLE_TIMEOUT = env.float("ISTHMUS_HL7_IDLE_TIMEOUT", 300.0, low=1.0)
+HL7_MESSAGE_TIMEOUT = env.float("ISTHMUS_HL7_MESSAGE_TIMEOUT", 60.0, low=1.0)
+HL7_MAX_CONNECTIONS = env.int("ISTHMUS_HL7_MAX_CONNECTIONS", 50, 1, 10_000)
+HL7_MAX_CONNECTIONS_PER_SOURCE = env.int("ISTHMUS_HL7_MAX_CONNECTIONS_PER_SOURCE", 10, 1, 10_000)
+# Messages per source address per window (0: no limit); past it AR, which the RIS retries.
+HL7_RATE_LIMIT = env.int("ISTHMUS_HL7_RATE_LIMIT", 30000, 0)
+HL7_RATE_WINDOW = env.float("ISTHMUS_HL7_RATE_WINDOW", 60.0, low=1.0)
 
 # --- Django ----------------------------------------------------------------
 DEBUG = env.bool("ISTHMUS_DEBUG", False)

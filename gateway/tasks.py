@@ -7,7 +7,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from gateway import commitment, services
+from gateway import commitment, hl7_senders, services
 
 log = logging.getLogger("isthmus.tasks")
 
@@ -23,6 +23,9 @@ def prune_association_events() -> int:
     deleted = services.prune_association_events(older_than_days=settings.EVENT_RETENTION_DAYS)
     if deleted:
         log.info("pruned %d association events older than %d days", deleted, settings.EVENT_RETENTION_DAYS)
+    refusals = hl7_senders.prune_refusals(older_than_days=settings.EVENT_RETENTION_DAYS)
+    if refusals:
+        log.info("pruned %d HL7 refusal rows older than %d days", refusals, settings.EVENT_RETENTION_DAYS)
     return deleted
 
 

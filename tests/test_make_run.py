@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, echoscu, free_port
+from tests.conftest import ROOT, echoscu, free_port, wait_for_port
+from tests.worklist.hl7_messages import msa, orm
+from worklist.hl7.mllp import send
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +55,21 @@ def test_make_run_serves_echo_and_healthz_then_stops_cleanly(tmp_path):
             time.sleep(0.25)
         assert status == 200, (report, Path(log.name).read_text()[-3000:])
 
-        # A new user registers the modality from a file, then the modality echoes.
+        # HL7 is refused until its sender is registered (ISTHMUS_REQUIRE_KNOWN_HL7_SENDER defaults to true).
+        wait_for_port(hl7_port, timeout=30)
+        order = orm("MR1", "NW", "ACC1")
+        assert msa(send("127.0.0.1", hl7_port, [order], timeout=30)[0].decode())[1] == "AR"
+
+        # A new user registers the modality and the RIS from a file, then the modality echoes and the RIS orders.
         config = tmp_path / "nodes.yaml"
-        config.write_text("nodes:\n  - {name: ct-1, ae_title: CT1, host: 127.0.0.1, port: 104}\n")
+        config.write_text("nodes:\n  - {name: ct-1, ae_title: CT1, host: 127.0.0.1, port: 104}\n"
+                          "hl7_senders:\n  - {name: ris, host: 127.0.0.1}\n")  # fmt: skip
         imported = subprocess.run([str(ROOT / ".venv/bin/python"), "manage.py", "import_config", str(config)],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert imported.returncode == 0 and "applied: 1 added" in imported.stdout, imported.stderr
+        assert imported.returncode == 0 and "applied: 2 added" in imported.stdout, imported.stderr
         echoed = echoscu(dimse_port, "CT1")
         assert echoed.returncode == 0, echoed.stdout + echoed.stderr
+        assert msa(send("127.0.0.1", hl7_port, [order], timeout=30)[0].decode())[1] == "AA"
         assert time.monotonic() - started < 30 + 30  # healthz was up within 30 s; import and echo are quick
         assert processes_with(data_dir), "make run's processes carry the data dir in their environment"
     finally:

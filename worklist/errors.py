@@ -6,10 +6,12 @@ from __future__ import annotations
 REQUIRED_FIELD_MISSING = "101"
 DATA_TYPE_ERROR = "102"
 TABLE_VALUE_NOT_FOUND = "103"
+VALUE_TOO_LONG = "104"  # v2.7: "or the length the application is able to safely handle"
 UNSUPPORTED_MESSAGE_TYPE = "200"
 UNSUPPORTED_EVENT = "201"
 UNKNOWN_KEY = "204"
 DUPLICATE_KEY = "205"
+RECORD_LOCKED = "206"  # the transaction could not be performed at the storage level (database down or locked)
 INTERNAL_ERROR = "207"
 
 

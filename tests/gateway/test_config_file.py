@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from gateway.config_file import ConfigError, export_config, import_config
-from gateway.models import Node
+from gateway.models import Hl7Sender, Node
 from tests.conftest import manage
 
 pytestmark = pytest.mark.django_db
@@ -92,6 +92,11 @@ def test_modified_file_shows_the_diff_and_dry_run_changes_nothing(tmp_path):
         ("nodes: {}\n", "nodes: must be a list"),
         ("modalities: []\n", "unknown top-level key 'modalities'"),
         ("nodes: [\n", "not valid YAML"),
+        ("hl7_senders:\n  - {name: ris, host: ris.example.org}\n", "HL7 sender 'ris': field 'host': An IP address"),
+        ("hl7_senders:\n  - {name: ris, host: 10.1.2.3/24}\n", "the network is 10.1.2.0/24"),
+        ("hl7_senders:\n  - {name: ris, host: 10.1.2.3, message_types: [ORM]}\n", "Not a message type (CODE^EVENT"),
+        ("hl7_senders:\n  - {name: ris, host: 10.1.2.3, message_types: ORM^O01}\n", "field 'message_types': A list"),
+        ("hl7_senders:\n  - {name: ris, message_types: []}\n", "HL7 sender 'ris': missing field 'host'"),
     ],
 )
 def test_bad_file_names_object_and_field_and_applies_nothing(text, error):
@@ -109,3 +114,38 @@ def test_import_command_reports_errors_and_exit_status(tmp_path):
     with pytest.raises(CommandError, match="1 error"):
         call_command("import_config", str(path))
     assert not Node.objects.exists()
+
+
+HL7_SENDERS = """
+hl7_senders:
+  - name: ris
+    host: 10.1.2.3
+    message_types: [orm^o01, ADT^A08]
+  - name: interface-engine
+    host: 10.20.0.0/16
+    description: all types from the engine's subnet
+"""
+
+
+def test_hl7_senders_round_trip_and_a_listed_section_is_the_whole_truth():
+    changes = import_config(HL7_SENDERS)
+    assert [str(c).split(":")[0] for c in changes] == ["+ HL7 sender ris", "+ HL7 sender interface-engine"]
+    assert Hl7Sender.objects.get(name="ris").message_types == ["ORM^O01", "ADT^A08"]  # upper case, as in MSH-9
+    exported = export_config()
+    document = yaml.safe_load(exported)
+    assert document["hl7_senders"] == [
+        {"name": "interface-engine", "host": "10.20.0.0/16", "description": "all types from the engine's subnet",
+         "enabled": True},
+        {"name": "ris", "host": "10.1.2.3", "message_types": ["ORM^O01", "ADT^A08"], "enabled": True},
+    ]  # fmt: skip
+    assert import_config(exported) == []
+    Hl7Sender.objects.all().delete()
+    import_config(exported)
+    assert export_config() == exported
+
+    changes = import_config("hl7_senders:\n  - {name: ris, host: 10.1.2.3, message_types: [ADT^A08]}\n")
+    assert [str(c) for c in changes] == [
+        "~ HL7 sender ris: message_types: ['ORM^O01', 'ADT^A08'] -> ['ADT^A08']", "- HL7 sender interface-engine"]  # fmt: skip
+    assert list(Hl7Sender.objects.values_list("name", flat=True)) == ["ris"]
+    import_config("nodes: []\n")  # a file without the section leaves the senders alone
+    assert Hl7Sender.objects.filter(name="ris").exists()

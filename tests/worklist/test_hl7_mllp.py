@@ -140,3 +140,82 @@ def test_stop_lets_the_message_in_flight_be_answered_then_refuses_new_connection
     assert not stopper.is_alive()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", echo_server.port), timeout=1).close()
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+
+def test_connections_are_capped_per_source_address_while_other_hosts_are_served():
+    server = MllpServer("127.0.0.1", 0, lambda message, peer: b"ACK:" + message, max_connections_per_source=2)
+    server.start()
+    first, second = _connect(server.port), _connect(server.port)
+    try:
+        first.sendall(frame(b"1"))
+        second.sendall(frame(b"2"))
+        assert _read_frames(first, 1) + _read_frames(second, 1) == [b"ACK:1", b"ACK:2"]
+        with _connect(server.port) as third:
+            assert third.recv(10) == b""  # closed at once
+        with _connect(server.port, "127.0.0.2") as other_host:
+            other_host.sendall(frame(b"3"))
+            assert _read_frames(other_host, 1) == [b"ACK:3"]
+        first.close()
+        deadline = time.monotonic() + 5
+        while server.open_connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with _connect(server.port) as again:  # a slot of 127.0.0.1 came free
+            again.sendall(frame(b"4"))
+            assert _read_frames(again, 1) == [b"ACK:4"]
+    finally:
+        first.close()
+        second.close()
+        server.stop(grace=1)
+
+
+def test_a_sender_trickling_one_byte_a_second_is_closed_at_the_message_deadline():
+    seen: list[bytes] = []
+    server = MllpServer("127.0.0.1", 0, lambda message, peer: seen.append(message) or b"ACK",
+                        idle_timeout=30, message_timeout=2)  # fmt: skip
+    server.start()
+    try:
+        with _connect(server.port) as client:
+            started = time.monotonic()
+            client.setblocking(False)
+            closed_at = None
+            for byte in frame(b"MSH|^~\\&|SLOW")[:-1]:  # never the last byte
+                try:
+                    client.send(bytes([byte]))
+                    if client.recv(10) == b"":
+                        closed_at = time.monotonic() - started
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:  # reset: also closed
+                    closed_at = time.monotonic() - started
+                    break
+                time.sleep(1)
+        assert closed_at is not None and 2 <= closed_at < 4.5, closed_at
+        assert seen == []
+    finally:
+        server.stop(grace=1)
+
+
+def test_stray_bytes_do_not_keep_an_idle_connection_open():
+    server = MllpServer("127.0.0.1", 0, lambda message, peer: b"ACK", idle_timeout=1.0, message_timeout=30)
+    server.start()
+    try:
+        with _connect(server.port) as client:
+            started = time.monotonic()
+            client.settimeout(0.25)
+            while time.monotonic() - started < 5:
+                try:
+                    client.sendall(b"\r")  # noise outside any frame, every quarter second
+                    if client.recv(10) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+            assert 1.0 <= time.monotonic() - started < 2.5
+    finally:
+        server.stop(grace=1)

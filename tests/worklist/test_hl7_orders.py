@@ -15,12 +15,9 @@ from pydicom.uid import UID
 
 from gateway.models import Heartbeat
 from tests.conftest import ROOT, dcmtk, free_port, manage, peer_env, stop_process, wait_for_port
-from tests.worklist import hl7_messages
 from tests.worklist.hl7_messages import adt, err, exchange, message, msa, msh, orm, pid, segment
 from worklist.hl7.mllp import FrameReader, frame
 from worklist.models import Hl7Message, Order, Patient, PatientMerge, ScheduledStep
-
-hl7_listener = hl7_messages.hl7_listener
 
 
 def open_steps(**filters) -> list[ScheduledStep]:
@@ -214,7 +211,7 @@ def test_logs_carry_no_names_ids_or_birth_dates(hl7_listener, caplog):
         assert secret not in text
 
 
-def test_manage_hl7_and_hl7_send_from_the_shell(transactional_db, tmp_path):
+def test_manage_hl7_and_hl7_send_from_the_shell(hl7_sender, tmp_path):
     port = free_port()
     listener = subprocess.Popen(
         [sys.executable, "manage.py", "hl7", "--host", "127.0.0.1", "--port", str(port)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from django.conf import settings
@@ -21,32 +22,44 @@ def control_id() -> str:
 def build(header: Header, code: str, *, error_text: str = "", error_code: str = "", error_location: str = "") -> str:
     """The ACK for `header` as text with CR segment ends: AA, or AE/AR with an ERR segment."""
     now = timezone.localtime().strftime("%Y%m%d%H%M%S")
-    event = header.event or ""
+    echo = {name: _echo(getattr(header, name)) for name in ECHOED}
+    event = echo["event"]
     msh = [
         "MSH",
         "^~\\&",
-        header.receiving_application or settings.AE_TITLE,
-        header.receiving_facility,
-        header.sending_application,
-        header.sending_facility,
+        echo["receiving_application"] or settings.AE_TITLE,
+        echo["receiving_facility"],
+        echo["sending_application"],
+        echo["sending_facility"],
         now,
         "",
         f"ACK^{event}^ACK" if event else "ACK",
         control_id(),
-        header.processing_id or "P",
-        header.version or "2.5",
+        echo["processing_id"] or "P",
+        echo["version"] or "2.5",
         "",
         "",
         "",
         "",
         "",
-        header.charset,
+        echo["charset"],
     ]
     segments = ["|".join(msh).rstrip("|")]
-    segments.append("|".join(["MSA", code, header.control_id, escape(error_text)[:80]]).rstrip("|"))
+    segments.append("|".join(["MSA", code, echo["control_id"], escape(error_text)[:80]]).rstrip("|"))
     if code != "AA":
         segments.append(_err(error_code or "207", error_text, error_location))
     return "\r".join(segments) + "\r"
+
+
+ECHOED = ("receiving_application", "receiving_facility", "sending_application", "sending_facility", "event",
+          "control_id", "processing_id", "version", "charset")  # fmt: skip
+# A header read leniently may hold our field, repetition or segment separators: they would break the ACK.
+NOT_ECHOED_RE = re.compile(r"[|~\x00-\x1f\x7f]")
+
+
+def _echo(value: str) -> str:
+    """A header value sent back in the ACK, its components kept, its structure-breaking characters dropped."""
+    return NOT_ECHOED_RE.sub("", value)
 
 
 def _err(error_code: str, text: str, location: str) -> str:
@@ -65,6 +78,7 @@ TABLE_0357 = {
     "101": "Required field missing",
     "102": "Data type error",
     "103": "Table value not found",
+    "104": "Value too long",
     "200": "Unsupported message type",
     "201": "Unsupported event code",
     "202": "Unsupported processing id",

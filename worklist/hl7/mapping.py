@@ -18,6 +18,7 @@ from worklist.errors import (
     TABLE_VALUE_NOT_FOUND,
     UNSUPPORTED_EVENT,
     UNSUPPORTED_MESSAGE_TYPE,
+    VALUE_TOO_LONG,
     Rejected,
     WorklistError,
 )
@@ -25,6 +26,8 @@ from worklist.hl7.charset import declared_charset, decode
 from worklist.hl7.fields import Fields, cnn, coded, date_time, identifier, short_text, uid, xcn, xpn
 from worklist.hl7.text import lo
 
+# Structure a message may have (segment, field, repetition, component and subcomponent separators).
+MAX_SEPARATORS = 20_000
 ORDER_EVENTS = {("ORM", "O01"), ("OMI", "O23")}
 DEMOGRAPHICS_EVENTS = {"A01", "A04", "A05", "A08", "A28", "A31"}
 MERGE_EVENTS = {"A40"}
@@ -101,7 +104,7 @@ def lenient_header(raw: bytes) -> Header:
     header = Header()
     if not first.startswith("MSH") or len(first) < 8:
         return header
-    fields = first.split(first[3])
+    fields = first.split(first[3], 19)  # up to MSH-18; the rest of a huge line stays one string
     get = lambda n: fields[n - 1].strip() if len(fields) >= n else ""  # noqa: E731  MSH-1 is the separator itself
     header.sending_application, header.sending_facility = get(3), get(4)
     header.receiving_application, header.receiving_facility = get(5), get(6)
@@ -127,6 +130,7 @@ def read(raw: bytes) -> Parsed:
     header.encoding = charset
     text = decode(raw, charset)
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip()
+    _check_structure(text)
     try:
         message = hl7.parse(text)
         if not message.segments("MSH"):
@@ -135,6 +139,19 @@ def read(raw: bytes) -> Parsed:
         raise Rejected(f"unreadable HL7: {type(exc).__name__}") from exc
     message.isthmus_encoding = charset  # for \X..\ escapes, which are bytes in this character set
     return Parsed(header=header, text=text, message=message)
+
+
+def _check_structure(text: str) -> None:
+    """Rejected before parsing when segments, fields and components exceed MAX_SEPARATORS.
+
+    python-hl7 keeps a few hundred bytes per field: 1 MiB of "|" would cost
+    about 450 MB and 6 s of CPU. Real orders and ADT have a few hundred.
+    """
+    escape = text[6:7]
+    separators = set(text[3:8]) - {escape} | {"\r"}
+    count = sum(text.count(separator) for separator in separators)
+    if count > MAX_SEPARATORS:
+        raise Rejected(f"more than {MAX_SEPARATORS} segments, fields and components", VALUE_TOO_LONG)
 
 
 def content_of(parsed: Parsed) -> Content:

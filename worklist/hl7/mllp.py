@@ -3,7 +3,11 @@
 A frame is <VT> message <FS><CR> (HL7 v2.5.1 Appendix C, MLLP release 1).
 The server answers every frame with the bytes its handler returns, one
 connection per thread, and stops gracefully: no new connections, in-flight
-messages finish and are acknowledged, then the sockets close.
+messages finish and are acknowledged, then the sockets close. A hostile or
+broken peer is bounded: connections are capped in total and per source
+address, a frame must complete within `message_timeout` of its first byte and
+a connection without a complete message for `idle_timeout` is closed; neither
+deadline moves for stray bytes, so one byte now and then holds nothing open.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from django.db import connection
+
+from worklist.hl7 import metrics
 
 log = logging.getLogger("isthmus.hl7")
 
@@ -40,18 +47,25 @@ class FrameReader:
     """Collects bytes from any number of reads and yields complete messages.
 
     Robust to a message split across reads and to several messages in one
-    read; bytes outside a frame (line noise, a stray CR) are dropped.
+    read; bytes outside a frame (line noise, a stray CR) are dropped. Holds at
+    most one partial frame (`max_bytes` + 2) between reads, and searches each
+    byte for the end marker once, however small the reads.
     """
 
     def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._buffer = bytearray()
+        self._scanned = 1  # where the search for the end marker resumes in a partial frame
         self.discarded = 0
 
     @property
     def pending(self) -> bool:
         """True while part of a frame has arrived and its end has not."""
-        return START[0] in self._buffer
+        return bool(self._buffer)  # between reads the buffer is empty or starts with START
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         self._buffer += data
@@ -64,14 +78,18 @@ class FrameReader:
             if start:
                 self.discarded += start
                 del self._buffer[:start]
-            end = self._buffer.find(END, 1)
+                self._scanned = 1
+            end = self._buffer.find(END, self._scanned)
             if end < 0:
-                if len(self._buffer) - 1 > self.max_bytes:
+                content = len(self._buffer) - 1 - (self._buffer[-1] == END[0])  # a last FS may begin the END
+                if content > self.max_bytes:
                     self._buffer.clear()
                     raise FrameTooLarge(f"no end of frame within {self.max_bytes} bytes")
+                self._scanned = max(1, len(self._buffer) - len(END) + 1)
                 return
             message = bytes(self._buffer[1:end])
             del self._buffer[: end + len(END)]
+            self._scanned = 1
             if len(message) > self.max_bytes:
                 raise FrameTooLarge(f"frame of {len(message)} bytes")
             yield message
@@ -86,7 +104,7 @@ MessageHandler = Callable[[bytes, str], bytes]
 
 
 class MllpServer:
-    """Accepts MLLP connections on a port and answers each message with handler(message, peer)."""
+    """Accepts MLLP connections on a port and answers each message with handler(message, "ip:port")."""
 
     def __init__(
         self,
@@ -95,12 +113,16 @@ class MllpServer:
         handler: MessageHandler,
         *,
         idle_timeout: float = 300.0,
+        message_timeout: float = 60.0,
         max_connections: int = 50,
+        max_connections_per_source: int = 10,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.handler = handler
         self.idle_timeout = idle_timeout
+        self.message_timeout = message_timeout
         self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
         self.max_message_bytes = max_message_bytes
         self._socket = socket.create_server((host, port), reuse_port=False, backlog=64)
         self._socket.settimeout(POLL_SECONDS)
@@ -108,6 +130,7 @@ class MllpServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: dict[threading.Thread, socket.socket] = {}
+        self._per_source: Counter[str] = Counter()
         self._acceptor = threading.Thread(target=self._accept_forever, name="hl7-accept", daemon=True)
 
     def start(self) -> None:
@@ -124,43 +147,38 @@ class MllpServer:
                     return
                 time.sleep(POLL_SECONDS)  # EMFILE and friends: back off, keep serving
                 continue
-            with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if not full:
-                    thread = threading.Thread(
-                        target=self._serve, args=(client, f"{address[0]}:{address[1]}"), name="hl7-conn", daemon=True
-                    )
-                    self._connections[thread] = client
-            if full:
-                log.warning("HL7 connection from %s refused: %d connections open", address[0], self.max_connections)
-                client.close()
-                continue
-            thread.start()
+            thread = self._admit(client, address[0], f"{address[0]}:{address[1]}")
+            if thread is not None:
+                thread.start()
 
-    def _serve(self, client: socket.socket, peer: str) -> None:
-        me = threading.current_thread()
+    def _admit(self, client: socket.socket, source: str, peer: str) -> threading.Thread | None:
+        """A thread for the connection, or None when the total or the source's cap is reached (then closed)."""
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                refusal, limit = "refused-busy", f"{self.max_connections} connections open"
+            elif self._per_source[source] >= self.max_connections_per_source:
+                refusal, limit = "refused-per-source", f"{self.max_connections_per_source} open from {source}"
+            else:
+                thread = threading.Thread(target=self._serve, args=(client, source, peer), name="hl7-conn",
+                                          daemon=True)  # fmt: skip
+                self._connections[thread] = client
+                self._per_source[source] += 1
+                return thread
+        log.warning("HL7 connection from %s refused: %s", source, limit)
+        metrics.CONNECTIONS.labels(refusal).inc()
+        client.close()
+        return None
+
+    def _serve(self, client: socket.socket, source: str, peer: str) -> None:
         reader = FrameReader(self.max_message_bytes)
-        last_activity = time.monotonic()
+        outcome = "closed"
         log.info("HL7 connection from %s", peer)
         try:
             set_nodelay(client)
-            while True:
-                if self._stopping.is_set() and not reader.pending:
-                    break
-                ready, _, _ = select.select([client], [], [], POLL_SECONDS)
-                if not ready:
-                    if time.monotonic() - last_activity > self.idle_timeout:
-                        log.info("HL7 connection from %s idle for %g s: closing", peer, self.idle_timeout)
-                        break
-                    continue
-                chunk = client.recv(RECV_BYTES)
-                if not chunk:
-                    break
-                last_activity = time.monotonic()
-                for message in reader.feed(chunk):
-                    client.sendall(frame(self.handler(message, peer)))
-                last_activity = time.monotonic()
+            client.settimeout(self.message_timeout)  # bounds sendall to a peer that never reads its ACKs
+            outcome = self._converse(client, reader, peer)
         except FrameTooLarge as exc:
+            outcome = "closed-too-large"
             log.warning("HL7 connection from %s closed: %s", peer, exc)
         except (OSError, ValueError) as exc:  # reset by peer, or closed by stop()
             if not self._stopping.is_set():
@@ -169,10 +187,50 @@ class MllpServer:
             if reader.discarded:
                 log.warning("HL7 connection from %s: %d bytes outside MLLP frames dropped", peer, reader.discarded)
             with self._lock:
-                self._connections.pop(me, None)
+                self._connections.pop(threading.current_thread(), None)
+                self._per_source[source] -= 1
+                if self._per_source[source] <= 0:
+                    del self._per_source[source]
             client.close()
             connection.close()  # this thread's Django database connection
+            metrics.CONNECTIONS.labels(outcome).inc()
             log.info("HL7 connection from %s closed", peer)
+
+    def _converse(self, client: socket.socket, reader: FrameReader, peer: str) -> str:
+        """Answer frames until the peer leaves, a deadline passes or we stop; returns how it ended.
+
+        Deadlines are absolute: idle counts from the last complete message, a
+        frame from its first byte; bytes that complete nothing move neither.
+        """
+        idle_deadline = time.monotonic() + self.idle_timeout
+        frame_deadline: float | None = None
+        while not (self._stopping.is_set() and not reader.pending):
+            now = time.monotonic()
+            if frame_deadline is not None and now > frame_deadline:
+                log.warning("HL7 connection from %s closed: no complete message within %g s of its first byte",
+                            peer, self.message_timeout)  # fmt: skip
+                return "closed-message-deadline"
+            if frame_deadline is None and now > idle_deadline:
+                log.info("HL7 connection from %s idle for %g s: closing", peer, self.idle_timeout)
+                return "closed-idle"
+            ready, _, _ = select.select([client], [], [], POLL_SECONDS)
+            if not ready:
+                continue
+            chunk = client.recv(RECV_BYTES)
+            if not chunk:
+                return "closed"
+            answered = False
+            for message in reader.feed(chunk):
+                client.sendall(frame(self.handler(message, peer)))
+                answered = True
+            now = time.monotonic()
+            if answered:
+                idle_deadline = now + self.idle_timeout
+            if not reader.pending:
+                frame_deadline = None
+            elif answered or frame_deadline is None:  # a new frame began in this chunk
+                frame_deadline = now + self.message_timeout
+        return "closed-shutdown"
 
     def open_connections(self) -> int:
         with self._lock:
@@ -215,10 +273,13 @@ def split_messages(data: bytes) -> list[bytes]:
     return [b"\r".join(segments) + b"\r" for segments in messages]
 
 
-def send(host: str, port: int, messages: list[bytes], timeout: float = 10.0) -> list[bytes]:
-    """Send messages over one MLLP connection, each after the previous ACK; returns the ACKs."""
+def send(host: str, port: int, messages: list[bytes], timeout: float = 10.0, source: str = "") -> list[bytes]:
+    """Send messages over one MLLP connection, each after the previous ACK; returns the ACKs.
+
+    `source` binds the local address (a test playing another host on 127.0.0.0/8)."""
     acks: list[bytes] = []
-    with socket.create_connection((host, port), timeout=timeout) as client:
+    bind = (source, 0) if source else None
+    with socket.create_connection((host, port), timeout=timeout, source_address=bind) as client:
         set_nodelay(client)
         reader = FrameReader()
         for message in messages:

@@ -1,4 +1,4 @@
-"""`manage.py export_config [FILE]`: nodes, destinations and rules as YAML."""
+"""`manage.py export_config [FILE]`: nodes, destinations, rules and HL7 senders as YAML."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from gateway.config_file import ConfigError, export_config
 
 
 class Command(BaseCommand):
-    help = "Write the configuration (nodes, destinations, rules) as YAML to FILE or standard output."
+    help = "Write the configuration (nodes, destinations, rules, hl7_senders) as YAML to FILE or standard output."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("file", nargs="?", help="output file (default: standard output)")

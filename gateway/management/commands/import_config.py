@@ -11,7 +11,7 @@ from gateway.config_file import ConfigError, import_config
 
 class Command(BaseCommand):
     help = (
-        "Apply a configuration file: every section in it (nodes, destinations, rules) is made to match, "
+        "Apply a configuration file: every section in it (nodes, destinations, rules, hl7_senders) is made to match, "
         "objects missing from a listed section are deleted. All or nothing."
     )
 

@@ -17,8 +17,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--port", type=int, default=settings.HL7_PORT)
         parser.add_argument("--host", default=settings.HL7_HOST)
-        parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a silent connection stays open")
-        parser.add_argument("--max-connections", type=int, default=50)
+        parser.add_argument(
+            "--idle-timeout",
+            type=float,
+            default=settings.HL7_IDLE_TIMEOUT,
+            help="seconds a connection stays open without a complete message (ISTHMUS_HL7_IDLE_TIMEOUT)",
+        )
+        parser.add_argument(
+            "--max-connections",
+            type=int,
+            default=settings.HL7_MAX_CONNECTIONS,
+            help="connections open at once (ISTHMUS_HL7_MAX_CONNECTIONS)",
+        )
 
     def handle(self, *args, host: str, port: int, idle_timeout: float, max_connections: int, **options) -> None:
         stop = threading.Event()
