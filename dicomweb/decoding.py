@@ -29,24 +29,25 @@ def sample_bytes(bits_allocated: int) -> int:
     return next((size for size in (1, 2, 4, 8) if bits_allocated <= 8 * size), 8)
 
 
-def decoded_size(dataset: Dataset, frames: int) -> int:
-    """Rows x Columns x frames x bytes per sample x Samples per Pixel: what `frames` decoded frames hold."""
+def decoded_size(dataset: Dataset, frames: int, per_sample: int | None = None) -> int:
+    """Rows x Columns x frames x Samples per Pixel x bytes per sample (from Bits Allocated unless `per_sample`)."""
     rows, columns = _number(dataset, "Rows", 0), _number(dataset, "Columns", 0)
     samples = max(_number(dataset, "SamplesPerPixel", 1), 1)
-    bits = _number(dataset, "BitsAllocated", 8)
-    return rows * columns * max(frames, 1) * sample_bytes(bits) * samples
+    per_sample = per_sample or sample_bytes(_number(dataset, "BitsAllocated", 8))
+    return rows * columns * max(frames, 1) * samples * per_sample
 
 
 def frame_count(dataset: Dataset) -> int:
     return max(_number(dataset, "NumberOfFrames", 1), 1)
 
 
-def check(dataset: Dataset, frames: int, what: str, instead: str) -> None:
+def check(dataset: Dataset, frames: int, what: str, instead: str, *, per_sample: int | None = None) -> None:
     """Refuse (406) before decoding `frames` frames of `dataset` when they would pass ISTHMUS_MAX_DECODE_MB.
 
     `what` names the resource and `instead` what the client may accept; both go in the problem's detail.
+    `per_sample` counts a working copy's bytes instead of the decoded ones (rendering works in float64).
     """
-    size = decoded_size(dataset, frames)
+    size = decoded_size(dataset, frames, per_sample)
     if size > settings.MAX_DECODE_BYTES:
         shape = (
             f"{_number(dataset, 'Rows', 0)} x {_number(dataset, 'Columns', 0)} x {max(frames, 1)} frame(s) x "
@@ -54,6 +55,6 @@ def check(dataset: Dataset, frames: int, what: str, instead: str) -> None:
         )
         raise DicomWebError(
             406,
-            f"{what}: {shape} would decode to {size >> 20} MB, more than ISTHMUS_MAX_DECODE_MB "
+            f"{what}: {shape} would need {size >> 20} MB, more than ISTHMUS_MAX_DECODE_MB "
             f"({settings.MAX_DECODE_BYTES >> 20}); {instead}",
         )

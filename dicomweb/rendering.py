@@ -20,15 +20,18 @@ from dicomweb.base import DicomWebError
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 JPEG_QUALITY = 90
+WORKING_BYTES = 8  # a rendering holds each sample as a float64 (the LUTs and scaling), so that is what is sized
 
 
 def _to_8bit(values: np.ndarray) -> np.ndarray:
-    """Scale to 0-255 by the frame's own min/max (after any windowing)."""
+    """Scale to 0-255 by the frame's own min/max (after any windowing), in place on one float64 copy."""
     values = values.astype(np.float64)
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * 255.0 / (high - low)).astype(np.uint8)
+    values -= low
+    values *= 255.0 / (high - low)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -120,7 +123,7 @@ def render(source: BinaryIO, frame: int, media_type: str, options: RenderOptions
     if not 1 <= frame <= frames:
         raise DicomWebError(404, f"the instance has {frames} frame(s)")
     what = f"rendering of {dataset.get('SOPInstanceUID', 'the instance')}"
-    decoding.check(dataset, 1, what, "retrieve its frames as stored (Accept: */*)")
+    decoding.check(dataset, 1, what, "retrieve its frames as stored (Accept: */*)", per_sample=WORKING_BYTES)
     try:
         pixels = pixel_array(source, index=frame - 1, as_rgb=True)  # this frame only
     except Exception as exc:  # no decoder for this transfer syntax, or a broken bitstream
