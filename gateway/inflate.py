@@ -21,7 +21,8 @@ from typing import BinaryIO
 from django.conf import settings
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom.dsutils import split_dataset
+
+from gateway import clamped
 
 PIECE = 1 << 20  # most inflated bytes zlib hands back at once
 READ = 1 << 16  # deflated bytes read at a time
@@ -89,7 +90,7 @@ def explicit_part10(path: Path, caps: Limits) -> Iterator[bytes]:
 
     PS3.5 A.5: the deflated bytes are an Explicit VR Little Endian data set, so nothing is re-encoded.
     """
-    meta, offset = split_dataset(path)
+    meta, offset = clamped.split_dataset(path)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if "FileMetaInformationGroupLength" not in meta:
         meta.FileMetaInformationGroupLength = 0  # write_file_meta_info sets it

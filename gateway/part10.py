@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.dsutils import split_dataset
 
-from gateway import inflate
+from gateway import clamped, inflate
 
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -76,7 +74,7 @@ def read_header(
             window = _Window(stream)
             meta = _file_meta(window)
             if meta is None:  # not the usual layout: pydicom's reader judges it
-                file_meta, offset = split_dataset(path)
+                file_meta, offset = clamped.split_dataset(path)
                 meta = {name: str(file_meta.get(keyword, "")).strip("\0 ") for name, keyword in _META_KEYWORDS}, offset
             uids, offset = meta
             transfer_syntax = UID(uids["transfer_syntax_uid"])
@@ -86,6 +84,8 @@ def read_header(
                 dataset = _inflated_dataset(path, tags, uids, caps or inflate.limits(), scratch or path.parent)
             else:
                 dataset = _walked_dataset(path, window, offset, transfer_syntax, frozenset(tags))
+            for _element in dataset:  # decode the raw values now: a malformed one is this file's fault, refused here
+                pass
     except Unreadable:
         raise
     except _PARSE_ERRORS as exc:
@@ -99,7 +99,19 @@ def read_header(
     )
 
 
-_PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error, zlib.error)
+# What pydicom raises on malformed input, besides its own InvalidDicomError (found by tests/gateway/test_part10_fuzz.py).
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+)
 
 
 def _walked_dataset(path: Path, window: _Window, offset: int, transfer_syntax: UID, wanted: frozenset[int]) -> Dataset:
@@ -107,7 +119,7 @@ def _walked_dataset(path: Path, window: _Window, offset: int, transfer_syntax: U
     walker = _Walker(window, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
     walker.elements(offset, end=window.size, depth=0)
     if walker.undefined_wanted:  # a wanted element of undefined length: let pydicom read them
-        return dcmread(path, stop_before_pixels=True, specific_tags=list(wanted))
+        return clamped.read_header(path, specific_tags=list(wanted))
     return _dataset(window, walker.found, transfer_syntax)
 
 

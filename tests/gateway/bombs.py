@@ -32,9 +32,10 @@ def _image(rows: int, columns: int, bits: int, **uids: str) -> Dataset:
     return dataset
 
 
-def _part10_head(dataset: Dataset, transfer_syntax: str) -> bytes:
+def part10_head(transfer_syntax: str, sop_class: str = SecondaryCaptureImageStorage, sop_instance: str = "") -> bytes:
+    """Preamble, DICM and a file meta information (PS3.10 7.1) for a data set in `transfer_syntax`."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = dataset.SOPClassUID, dataset.SOPInstanceUID
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_instance or generate_uid()
     meta.TransferSyntaxUID = transfer_syntax
     head = io.BytesIO()
     head.write(b"\0" * 128 + b"DICM")
@@ -42,7 +43,12 @@ def _part10_head(dataset: Dataset, transfer_syntax: str) -> bytes:
     return head.getvalue()
 
 
-def _explicit_le(dataset: Dataset) -> bytes:
+def _part10_head(dataset: Dataset, transfer_syntax: str) -> bytes:
+    return part10_head(transfer_syntax, dataset.SOPClassUID, dataset.SOPInstanceUID)
+
+
+def explicit_le(dataset: Dataset) -> bytes:
+    """A data set encoded as Explicit VR Little Endian, without file meta."""
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
     write_dataset(encoded, dataset)
@@ -59,7 +65,7 @@ def deflated_bomb(folder: Path, inflated: int = GIB, **uids: str) -> Path:
     pixels = dataset.Rows * columns * 2
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     # PS3.5 7.1.2: Pixel Data as OW, 2 reserved bytes and a 4-byte length.
-    head = _explicit_le(dataset) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixels)
+    head = explicit_le(dataset) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixels)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{dataset.SOPInstanceUID}.dcm"
     with path.open("wb") as out:
@@ -85,5 +91,5 @@ def huge_image(folder: Path, rows: int = 60000, columns: int = 60000, **uids: st
     dataset["PixelData"].is_undefined_length = True
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{dataset.SOPInstanceUID}.dcm"
-    path.write_bytes(_part10_head(dataset, RLELossless) + _explicit_le(dataset))
+    path.write_bytes(_part10_head(dataset, RLELossless) + explicit_le(dataset))
     return path
