@@ -233,6 +233,28 @@ def test_deflate_streams(folder, stream, padding):
         assert header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
 
 
+def test_inflating_holds_a_piece_at_a_time(folder):
+    """64 MiB of zeros deflated to 280 KB: refused by ratio, or inflated to disk when the caps allow, in < 8 MB."""
+    element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 64 * MB)
+    data = part10_head(DeflatedExplicitVRLittleEndian, "1.2.3.4", "1.2.3.4") + _deflate(
+        _data_set(b"") + element + bytes(64 * MB), 1
+    )
+    path = folder / "big.dcm"
+    path.write_bytes(data)
+    for caps, refused in ((inflate.Limits(128 * MB, 100, MB), True), (inflate.Limits(128 * MB, 2000, MB), False)):
+        tracemalloc.start()
+        try:
+            header = part10.read_header(path, indexing.HEADER_TAGS, caps=caps, scratch=folder)
+        except part10.Bomb:
+            header = None
+        finally:
+            _current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert (header is None) == refused
+        assert peak < MEMORY_BOUND, f"read_header held {peak / MB:.1f} MB"
+    assert [item.name for item in folder.iterdir() if item.name.endswith(".inflated")] == []
+
+
 def test_a_bomb_past_the_size_cap_is_a_bomb(folder):
     element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 8 * MB)
     data = part10_head(DeflatedExplicitVRLittleEndian, "1.2.3.4", "1.2.3.4") + _deflate(
