@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from dicomweb.base import DicomWebError
 
 
-def _number(dataset: Dataset, keyword: str, default: int) -> int:
+def number(dataset: Dataset, keyword: str, default: int) -> int:
     """A header's count as an int; a missing, empty or malformed one counts as `default`."""
     try:
         value = dataset.get(keyword)
@@ -31,14 +31,14 @@ def sample_bytes(bits_allocated: int) -> int:
 
 def decoded_size(dataset: Dataset, frames: int, per_sample: int | None = None) -> int:
     """Rows x Columns x frames x Samples per Pixel x bytes per sample (from Bits Allocated unless `per_sample`)."""
-    rows, columns = _number(dataset, "Rows", 0), _number(dataset, "Columns", 0)
-    samples = max(_number(dataset, "SamplesPerPixel", 1), 1)
-    per_sample = per_sample or sample_bytes(_number(dataset, "BitsAllocated", 8))
+    rows, columns = number(dataset, "Rows", 0), number(dataset, "Columns", 0)
+    samples = max(number(dataset, "SamplesPerPixel", 1), 1)
+    per_sample = per_sample or sample_bytes(number(dataset, "BitsAllocated", 8))
     return rows * columns * max(frames, 1) * samples * per_sample
 
 
 def frame_count(dataset: Dataset) -> int:
-    return max(_number(dataset, "NumberOfFrames", 1), 1)
+    return max(number(dataset, "NumberOfFrames", 1), 1)
 
 
 def check(dataset: Dataset, frames: int, what: str, instead: str, *, per_sample: int | None = None) -> None:
@@ -50,8 +50,8 @@ def check(dataset: Dataset, frames: int, what: str, instead: str, *, per_sample:
     size = decoded_size(dataset, frames, per_sample)
     if size > settings.MAX_DECODE_BYTES:
         shape = (
-            f"{_number(dataset, 'Rows', 0)} x {_number(dataset, 'Columns', 0)} x {max(frames, 1)} frame(s) x "
-            f"{_number(dataset, 'BitsAllocated', 8)} bits x {max(_number(dataset, 'SamplesPerPixel', 1), 1)} sample(s)"
+            f"{number(dataset, 'Rows', 0)} x {number(dataset, 'Columns', 0)} x {max(frames, 1)} frame(s) x "
+            f"{number(dataset, 'BitsAllocated', 8)} bits x {max(number(dataset, 'SamplesPerPixel', 1), 1)} sample(s)"
         )
         raise DicomWebError(
             406,

@@ -20,7 +20,9 @@ from dicomweb.base import DicomWebError
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 JPEG_QUALITY = 90
-WORKING_BYTES = 8  # a rendering holds each sample as a float64 (the LUTs and scaling), so that is what is sized
+# A grey or more-than-8-bit rendering holds each sample as a float64 (LUTs, windowing, scaling): that is what is
+# sized. 8-bit colour goes to the encoder as decoded.
+WORKING_BYTES = 8
 
 
 def _to_8bit(values: np.ndarray) -> np.ndarray:
@@ -123,7 +125,9 @@ def render(source: BinaryIO, frame: int, media_type: str, options: RenderOptions
     if not 1 <= frame <= frames:
         raise DicomWebError(404, f"the instance has {frames} frame(s)")
     what = f"rendering of {dataset.get('SOPInstanceUID', 'the instance')}"
-    decoding.check(dataset, 1, what, "retrieve its frames as stored (Accept: */*)", per_sample=WORKING_BYTES)
+    in_float = decoding.number(dataset, "SamplesPerPixel", 1) == 1 or decoding.number(dataset, "BitsAllocated", 8) > 8
+    per_sample = WORKING_BYTES if in_float else None
+    decoding.check(dataset, 1, what, "retrieve its frames as stored (Accept: */*)", per_sample=per_sample)
     try:
         pixels = pixel_array(source, index=frame - 1, as_rgb=True)  # this frame only
     except Exception as exc:  # no decoder for this transfer syntax, or a broken bitstream
