@@ -4,11 +4,14 @@ The store needs two things from a file before it may keep it: the few header
 attributes the index holds, and proof the data set is whole (a truncated
 transfer must not become a stored instance). Both are done here by reading
 element headers and skipping values, so a 2 GB multi-frame costs a few reads.
+A deflated data set is first inflated under caps into a temp file
+(gateway/inflate.py); one that passes them is a decoding bomb (Bomb).
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,7 +70,7 @@ def read_header(
 
     One open, element headers taken from a read-ahead window, values skipped by offset.
     A deflated data set is inflated under `caps` (the settings' by default) into a temp
-    file in `scratch` (beside `path` by default), read as any other, then removed.
+    file in `scratch` (the store passes its temp area; the system temp dir by default), read, then removed.
     """
     try:
         with open(path, "rb") as stream:
@@ -81,7 +84,9 @@ def read_header(
             if not transfer_syntax or not transfer_syntax.is_transfer_syntax:
                 raise Unreadable("no usable transfer syntax in the file meta information")
             if transfer_syntax == DeflatedExplicitVRLittleEndian:
-                dataset = _inflated_dataset(path, tags, uids, caps or inflate.limits(), scratch or path.parent)
+                dataset = _inflated_dataset(
+                    path, tags, uids, caps or inflate.limits(), scratch or Path(tempfile.gettempdir())
+                )
             else:
                 dataset = _walked_dataset(path, window, offset, transfer_syntax, frozenset(tags))
             for _element in dataset:  # decode the raw values now: a malformed one is this file's fault, refused here
