@@ -1,10 +1,13 @@
-"""Pixel data frames for WADO-RS /frames and /bulkdata: read straight from the file, one frame at a time."""
+"""Pixel data frames for WADO-RS /frames and /bulkdata: read straight from the file, one frame at a time.
+
+A native frame is streamed from the file in chunks; a decoded one is held whole, so its size is checked first.
+"""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -12,6 +15,7 @@ from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
+from dicomweb import decoding
 from dicomweb.base import DicomWebError
 
 OCTET_STREAM = "application/octet-stream"
@@ -33,6 +37,7 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
 _LONG_LENGTH_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT"}
+CHUNK = 1 << 20
 
 
 def frame_numbers(text: str, count: int) -> list[int]:
@@ -49,11 +54,13 @@ def frame_numbers(text: str, count: int) -> list[int]:
 
 
 class PixelFile:
-    """An instance file opened at its Pixel Data value: the header is parsed, the pixels are not read."""
+    """An instance file (retrieve.open_instance) at its Pixel Data value: the header is parsed, the pixels are not read.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fp = path.open("rb")
+    It owns `source` and closes it.
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.fp = source
         try:
             self.dataset: Dataset = dcmread(self.fp, stop_before_pixels=True)
             self.syntax = UID(self.dataset.file_meta.TransferSyntaxUID)
@@ -94,14 +101,20 @@ class PixelFile:
         """True when the stored frames are not native little-endian pixels (compressed, or big endian)."""
         return self.syntax.is_encapsulated or not self.syntax.is_little_endian
 
-    def stored_frame(self, number: int) -> bytes:
-        """Frame `number` (1-based) as stored: the compressed bitstream, or the native pixel bytes."""
+    def stored_frame(self, number: int) -> Iterator[bytes]:
+        """Frame `number` (1-based) as stored: the compressed bitstream, or the native pixel bytes in chunks."""
         if self.syntax.is_encapsulated:
             self.fp.seek(self.value_start)
-            return get_frame(self.fp, number - 1, number_of_frames=self.count)
+            yield get_frame(self.fp, number - 1, number_of_frames=self.count)
+            return
         size = self._native_frame_size()
-        self.fp.seek(self.value_start + (number - 1) * size)
-        return self.fp.read(size)
+        start = self.value_start + (number - 1) * size
+        for offset in range(0, size, CHUNK):
+            self.fp.seek(start + offset)  # the position is ours again at each chunk
+            chunk = self.fp.read(min(CHUNK, size - offset))
+            if not chunk:
+                return
+            yield chunk
 
     def _native_frame_size(self) -> int:
         ds = self.dataset
@@ -111,13 +124,14 @@ class PixelFile:
             raise DicomWebError(406, "frames of 1-bit pixel data are only available in the stored bulk data")
         return int(ds.Rows) * int(ds.Columns) * samples * bits // 8
 
-    def decoded_frame(self, number: int) -> bytes:
+    def check_decoding(self, what: str) -> None:
+        """406 before decoding when one frame would pass ISTHMUS_MAX_DECODE_MB (frames are decoded one at a time)."""
+        decoding.check(self.dataset, 1, what, f"accept {self.media_type} (the frames as stored)")
+
+    def decoded_frame(self, number: int) -> Iterator[bytes]:
         """Frame `number` decoded to native little-endian pixel bytes (YCbCr converted to RGB, as decompress does)."""
         if not self.syntax.is_encapsulated and self.syntax.is_little_endian:
-            return self.stored_frame(number)
-        array = pixel_array(str(self.path), index=number - 1, as_rgb=True)
-        return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-    def all_frames(self, decode: bool) -> Iterator[bytes]:
-        for number in range(1, self.count + 1):
-            yield self.decoded_frame(number) if decode else self.stored_frame(number)
+            yield from self.stored_frame(number)
+            return
+        array = pixel_array(self.fp, index=number - 1, as_rgb=True)  # this frame only
+        yield array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -1,30 +1,39 @@
-"""WADO-RS /rendered (PS3.18 8.3.5.1): one frame as an 8-bit JPEG or PNG, windowed for display."""
+"""WADO-RS /rendered (PS3.18 8.3.5.1): one frame as an 8-bit JPEG or PNG, windowed for display.
+
+Exactly one frame is decoded, and only once decoding.check() has sized it from the header.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+from dicomweb import decoding
 from dicomweb.base import DicomWebError
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 JPEG_QUALITY = 90
+# A grey or more-than-8-bit rendering holds each sample as a float64 (LUTs, windowing, scaling): that is what is
+# sized. 8-bit colour goes to the encoder as decoded.
+WORKING_BYTES = 8
 
 
 def _to_8bit(values: np.ndarray) -> np.ndarray:
-    """Scale to 0-255 by the frame's own min/max (after any windowing)."""
+    """Scale to 0-255 by the frame's own min/max (after any windowing), in place on one float64 copy."""
     values = values.astype(np.float64)
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * 255.0 / (high - low)).astype(np.uint8)
+    values -= low
+    values *= 255.0 / (high - low)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -106,17 +115,21 @@ def parse_options(params: Mapping[str, str], *, default_viewport: tuple[int, int
     return options
 
 
-def render(path: Path, frame: int, media_type: str, options: RenderOptions | None = None) -> bytes:
-    """Frame `frame` (1-based) of the file, encoded as `media_type`; 406 when its pixels cannot be decoded."""
+def render(source: BinaryIO, frame: int, media_type: str, options: RenderOptions | None = None) -> bytes:
+    """Frame `frame` (1-based) of the file, encoded as `media_type`; 406 when its pixels cannot (or may not) be decoded."""
     options = options or RenderOptions()
-    dataset = dcmread(path, stop_before_pixels=True)
+    dataset = dcmread(source, stop_before_pixels=True)
     if "Rows" not in dataset:
         raise DicomWebError(406, "the instance has no image to render")
-    frames = int(dataset.get("NumberOfFrames") or 1)
+    frames = decoding.frame_count(dataset)
     if not 1 <= frame <= frames:
         raise DicomWebError(404, f"the instance has {frames} frame(s)")
+    what = f"rendering of {dataset.get('SOPInstanceUID', 'the instance')}"
+    in_float = decoding.number(dataset, "SamplesPerPixel", 1) == 1 or decoding.number(dataset, "BitsAllocated", 8) > 8
+    per_sample = WORKING_BYTES if in_float else None
+    decoding.check(dataset, 1, what, "retrieve its frames as stored (Accept: */*)", per_sample=per_sample)
     try:
-        pixels = pixel_array(str(path), index=frame - 1, as_rgb=True)
+        pixels = pixel_array(source, index=frame - 1, as_rgb=True)  # this frame only
     except Exception as exc:  # no decoder for this transfer syntax, or a broken bitstream
         raise DicomWebError(406, f"pixel data cannot be decoded for rendering ({type(exc).__name__})") from None
     if int(dataset.get("SamplesPerPixel") or 1) == 1:

@@ -1,14 +1,18 @@
 """WADO-RS reads: which instances a URL names, in which transfer syntax they go, and their bytes from disk.
 
 Stored files are streamed in chunks. An instance that must be decoded for the client is re-encoded in memory,
-one instance at a time.
+one instance at a time, once its decoded size passed decoding.check(). A deflated instance is inflated as a
+stream (to Explicit VR Little Endian) or into a temp copy, never whole in memory.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from django.db.models import QuerySet
 from pydicom import dcmread
@@ -16,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicomweb import decoding
 from dicomweb.accept import ANY_SYNTAX, EXPLICIT_VR_LITTLE_ENDIAN
 from dicomweb.base import DicomWebError
-from gateway import store
+from gateway import inflate, store
 from gateway.models import Instance
 
 CHUNK = 1 << 20
@@ -26,6 +31,8 @@ CHUNK = 1 << 20
 TRANSCODE_TARGETS = {EXPLICIT_VR_LITTLE_ENDIAN, ImplicitVRLittleEndian}
 # Re-encodable to Explicit VR Little Endian without a pixel decoder (big endian is retired and not converted).
 _NATIVE_LITTLE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+# What decoding.check() reads: Rows, Columns, Number of Frames, Samples per Pixel, Bits Allocated.
+IMAGE_TAGS = [0x00280010, 0x00280011, 0x00280008, 0x00280002, 0x00280100]
 
 
 def instances(study: str, series: str = "", instance: str = "") -> QuerySet:
@@ -65,13 +72,28 @@ def target_syntax(stored: str, acceptable: list[str]) -> str | None:
     """The transfer syntax an instance is sent in: as stored when accepted, else an accepted uncompressed one.
 
     None when the client accepts neither what is stored nor something we can decode it to (406).
+    A deflated instance goes only to Explicit VR Little Endian: the same bytes, inflated as a stream.
     """
     for wanted in acceptable:
         if wanted in (ANY_SYNTAX, stored):
             return stored
         if wanted in TRANSCODE_TARGETS and can_decode(stored):
-            return wanted
+            if stored != DeflatedExplicitVRLittleEndian or wanted == EXPLICIT_VR_LITTLE_ENDIAN:
+                return wanted
     return None
+
+
+def check_transcode(instance: Instance, syntax: str, path: Path) -> None:
+    """406 before any decoding when sending `instance` in `syntax` would hold more than ISTHMUS_MAX_DECODE_MB."""
+    if syntax == instance.transfer_syntax_uid or instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        return  # sent as stored, or inflated as a stream
+    header = dcmread(path, stop_before_pixels=True, specific_tags=IMAGE_TAGS)
+    decoding.check(
+        header,
+        decoding.frame_count(header),
+        f"{instance.sop_instance_uid} in {syntax}",
+        f"accept it as stored ({instance.transfer_syntax_uid}) or transfer-syntax=*",
+    )
 
 
 def file_size(path: Path) -> int | None:
@@ -106,12 +128,34 @@ def instance_chunks(instance: Instance, syntax: str, path: Path) -> Iterator[byt
     """The instance's file (`path`, from store.instance_path) as stored, or transcoded to `syntax`."""
     if syntax == instance.transfer_syntax_uid:
         return file_chunks(path)
+    if instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        return inflate.explicit_part10(path, inflate.limits())  # target_syntax() allows only Explicit VR LE
     return transcoded_chunks(path, syntax)
 
 
-def read_header(instance: Instance) -> Dataset:
-    """Everything before Pixel Data; large values stay on disk until asked for (defer_size)."""
-    return dcmread(store.instance_path(instance), stop_before_pixels=True, defer_size=4096)
+def open_instance(instance: Instance) -> BinaryIO:
+    """The instance's file open for reading; a deflated one as its inflated copy (pydicom would inflate it in memory).
+
+    The copy is in the store's temp area, already unlinked: closing the file frees it.
+    """
+    path = store.instance_path(instance)
+    if instance.transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
+        return path.open("rb")
+    try:
+        return inflate.open_inflated(path, store.temp_dir(), inflate.limits())
+    except inflate.Exceeded as exc:  # stored before the caps were what they are now
+        raise DicomWebError(406, f"{instance.sop_instance_uid}: {exc}") from None
+    except (inflate.Broken, zlib.error) as exc:
+        raise DicomWebError(
+            500, f"{instance.sop_instance_uid}: the stored deflated data set is broken ({exc})"
+        ) from None
+
+
+@contextmanager
+def read_header(instance: Instance) -> Iterator[Dataset]:
+    """Everything before Pixel Data; large values stay in the open file until asked for (defer_size)."""
+    with open_instance(instance) as source:
+        yield dcmread(source, stop_before_pixels=True, defer_size=4096)
 
 
 def pixel_vr(instance: Instance) -> str | None:

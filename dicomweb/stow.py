@@ -6,7 +6,7 @@ body stores nothing. The parts then go through gateway.store.save_many(), so
 durability, the duplicate policy and routing jobs are those of C-STORE.
 
 Answers (PS3.18 10.5.3): 200 all stored; 202 some failed; 409 none stored;
-400 malformed body; 411 no length; 413 too large or too many parts; 415 not
+400 malformed body, or a decoding bomb in any part (nothing stored); 411 no length; 413 too large or too many parts; 415 not
 multipart/related with type application/dicom; 503 temp area not writable. An instance of another study
 than the one in the URL fails with 0xA900, the code store.save() gives any data
 set that differs from what its request announced (Orthanc answers 0x0110).
@@ -167,7 +167,10 @@ class _SinglePart:
 
 
 def store_parts(parts: list[Part], *, calling_ae: str, study_uid: str | None) -> StowAnswer:
-    """Store the spooled parts with store.save_many() (one index transaction); every temp file is consumed."""
+    """Store the spooled parts with store.save_many() (one index transaction); every temp file is consumed.
+
+    Raises StowRefused (400) when a part is a decoding bomb: then nothing is stored.
+    """
     answer = StowAnswer()
     dicom: list[tuple[Part, str, str]] = []
     try:
@@ -180,6 +183,8 @@ def store_parts(parts: list[Part], *, calling_ae: str, study_uid: str | None) ->
             log.warning("STOW-RS part of type %s refused from %s", part.content_type[:60], calling_ae)
         sources = [store.Spooled(part.path, part.digest, part.synced) for part, _class, _sop in dicom]
         results = store.save_many(sources, calling_ae=calling_ae, origin="stow", expect_study_uid=study_uid)
+    except store.Bomb as bomb:  # a hostile request: refused whole, nothing stored
+        raise StowRefused(400, f"decoding bomb: {bomb.reason}") from bomb
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)  # stored ones were renamed away
@@ -253,9 +258,9 @@ class StowView(DicomWebView):
                 max_bytes=settings.STOW_MAX_BYTES,
                 max_parts=settings.STOW_MAX_PARTS,
             )
+            answer = store_parts(parts, calling_ae=caller_name(request), study_uid=study)
         except StowRefused as refusal:  # problem() writes the one log line
             return problem(refusal.status, f"STOW-RS from {caller_name(request)}: {refusal.detail}")
-        answer = store_parts(parts, calling_ae=caller_name(request), study_uid=study)
         studies_url = request.build_absolute_uri(reverse("qido-studies"))
         body = json.dumps(answer.dicom_json(studies_url, study))
         # The bare media type: dicomweb-client compares Content-Type as a whole string.

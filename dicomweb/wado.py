@@ -1,6 +1,7 @@
 """WADO-RS views (PS3.18 10.4): instances, metadata, frames, bulk data and rendered images.
 
 Views negotiate the media type, call dicomweb.retrieve / frames / rendering, and stream the answer.
+Whatever must be decoded is sized first (dicomweb.decoding): past ISTHMUS_MAX_DECODE_MB, 406.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Retrieve(WadoView):
             if syntax is None:
                 return problem(406, f"{row.sop_instance_uid} is stored as {row.transfer_syntax_uid}; accept it or '*'")
             sent_as_stored = syntax == row.transfer_syntax_uid
+            retrieve.check_transcode(row, syntax, path)
             parts.append(
                 multipart.Part(
                     f"{DICOM}; transfer-syntax={syntax}",
@@ -90,12 +92,12 @@ def _metadata_array(rows, root: str):
     yield b"["
     first = True
     for row in rows:
-        try:
-            header = retrieve.read_header(row)
-        except OSError:  # indexed but its file is gone: leave it out
-            continue
         url = dicomjson.retrieve_url(root, _row_uids(row), "IMAGE")
-        item = dicomjson.dataset_json(header, url, pixel_vr=retrieve.pixel_vr(row))
+        try:
+            with retrieve.read_header(row) as header:
+                item = dicomjson.dataset_json(header, url, pixel_vr=retrieve.pixel_vr(row))
+        except (OSError, DicomWebError):  # indexed but its file is gone (or will not inflate): leave it out
+            continue
         yield (b"" if first else b",") + json.dumps(item).encode()
         first = False
     yield b"]"
@@ -132,7 +134,7 @@ def _frame_plan(request, pixel_file: frames.PixelFile) -> tuple[str, bool]:
 def _pixel_file(study: str, series: str, instance: str) -> frames.PixelFile:
     row = retrieve.instances(study, series, instance).first()
     try:
-        return frames.PixelFile(store.instance_path(row))
+        return frames.PixelFile(retrieve.open_instance(row))
     except OSError:
         raise DicomWebError(404, "the instance's file is missing") from None
 
@@ -143,6 +145,8 @@ def _frames_response(request, pixel_file: frames.PixelFile, numbers: list[int]) 
         part_type, decode = _frame_plan(request, pixel_file)
         if decode and pixel_file.syntax.is_encapsulated and not retrieve.can_decode(pixel_file.syntax):
             raise DicomWebError(406, f"no decoder for {pixel_file.syntax}: accept {pixel_file.media_type}")
+        if decode:
+            pixel_file.check_decoding(f"frames of {pixel_file.dataset.get('SOPInstanceUID', 'the instance')}")
     except DicomWebError:
         pixel_file.fp.close()
         raise
@@ -153,8 +157,8 @@ def _frames_response(request, pixel_file: frames.PixelFile, numbers: list[int]) 
     def parts():
         with pixel_file:
             for number in numbers:
-                data = pixel_file.decoded_frame(number) if decode else pixel_file.stored_frame(number)
-                yield multipart.Part(content_type, [data])
+                chunks = pixel_file.decoded_frame(number) if decode else pixel_file.stored_frame(number)
+                yield multipart.Part(content_type, chunks)
 
     return _multipart_response(parts(), part_type)
 
@@ -183,10 +187,10 @@ class BulkData(WadoView):
             number = int(tag, 16)
         except ValueError:
             raise DicomWebError(400, "bulk data is named by an 8-digit hex tag") from None
-        header = retrieve.read_header(retrieve.instances(study, series, instance).first())
-        if number not in header:
-            raise DicomWebError(404, f"no {tag} in the instance")
-        value = header[number].value
+        with retrieve.read_header(retrieve.instances(study, series, instance).first()) as header:
+            if number not in header:
+                raise DicomWebError(404, f"no {tag} in the instance")
+            value = header[number].value
         if not isinstance(value, bytes):
             raise DicomWebError(404, f"{tag} is not bulk data")
         return _multipart_response([multipart.Part(frames.OCTET_STREAM, [value])], frames.OCTET_STREAM)
@@ -212,7 +216,8 @@ class Rendered(WadoView):
             raise DicomWebError(400, "frames must be a frame number") from None
         options = rendering.parse_options(request.GET)
         row = retrieve.instances(study, series, instance).first()
-        image = rendering.render(store.instance_path(row), number, media_type, options)
+        with retrieve.open_instance(row) as source:
+            image = rendering.render(source, number, media_type, options)
         if "," in frame_list:
             options.warnings.append("only the first frame of a list is rendered")
         return add_warnings(HttpResponse(image, content_type=media_type), options.warnings)
@@ -225,5 +230,6 @@ class Thumbnail(WadoView):
         media_type = _render_type(request)
         options = rendering.parse_options(request.GET, default_viewport=THUMBNAIL_SIZE)
         row = retrieve.representative(study, series, instance)
-        image = rendering.render(store.instance_path(row), 1, media_type, options)
+        with retrieve.open_instance(row) as source:
+            image = rendering.render(source, 1, media_type, options)  # one frame, never the whole instance
         return add_warnings(HttpResponse(image, content_type=media_type), options.warnings)

@@ -4,24 +4,27 @@ The store needs two things from a file before it may keep it: the few header
 attributes the index holds, and proof the data set is whole (a truncated
 transfer must not become a stored instance). Both are done here by reading
 element headers and skipping values, so a 2 GB multi-frame costs a few reads.
+A deflated data set is first inflated under caps into a temp file
+(gateway/inflate.py); one that passes them is a decoding bomb (Bomb).
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.dsutils import split_dataset
+
+from gateway import clamped, inflate
 
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -32,6 +35,14 @@ MAX_DEPTH = 32
 
 class Unreadable(Exception):
     """Not a complete, parseable Part 10 file; the message says why (no patient data)."""
+
+
+class Bomb(Unreadable):
+    """A deflated data set that inflates past a cap: hostile, refused whole. Carries the meta's SOP Instance UID."""
+
+    def __init__(self, reason: str, sop_instance_uid: str = "") -> None:
+        super().__init__(reason)
+        self.sop_instance_uid = sop_instance_uid
 
 
 @dataclass(frozen=True)
@@ -52,38 +63,37 @@ _LONG = {"<": struct.Struct("<L"), ">": struct.Struct(">L")}
 _META_UIDS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
 
 
-def read_header(path: Path, tags: Iterable[int]) -> Header:
+def read_header(
+    path: Path, tags: Iterable[int], *, caps: inflate.Limits | None = None, scratch: Path | None = None
+) -> Header:
     """Check `path` is a whole Part 10 file and read only `tags` (never pixel data).
 
     One open, element headers taken from a read-ahead window, values skipped by offset.
+    A deflated data set is inflated under `caps` (the settings' by default) into a temp
+    file in `scratch` (the store passes its temp area; the system temp dir by default), read, then removed.
     """
     try:
         with open(path, "rb") as stream:
             window = _Window(stream)
             meta = _file_meta(window)
             if meta is None:  # not the usual layout: pydicom's reader judges it
-                file_meta, offset = split_dataset(path)
+                file_meta, offset = clamped.split_dataset(path)
                 meta = {name: str(file_meta.get(keyword, "")).strip("\0 ") for name, keyword in _META_KEYWORDS}, offset
             uids, offset = meta
             transfer_syntax = UID(uids["transfer_syntax_uid"])
             if not transfer_syntax or not transfer_syntax.is_transfer_syntax:
                 raise Unreadable("no usable transfer syntax in the file meta information")
-            wanted = frozenset(tags)
-            found = None
             if transfer_syntax == DeflatedExplicitVRLittleEndian:
-                _check_deflated(path, offset)
+                dataset = _inflated_dataset(
+                    path, tags, uids, caps or inflate.limits(), scratch or Path(tempfile.gettempdir())
+                )
             else:
-                walker = _Walker(window, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
-                walker.elements(offset, end=window.size, depth=0)
-                if not walker.undefined_wanted:
-                    found = walker.found
-            if found is None:  # deflated, or a wanted element of undefined length: let pydicom read them
-                dataset = dcmread(path, stop_before_pixels=True, specific_tags=list(wanted))
-            else:
-                dataset = _dataset(window, found, transfer_syntax)
+                dataset = _walked_dataset(path, window, offset, transfer_syntax, frozenset(tags))
+            for _element in dataset:  # decode the raw values now: a malformed one is this file's fault, refused here
+                pass
     except Unreadable:
         raise
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error, zlib.error) as exc:
+    except _PARSE_ERRORS as exc:
         raise Unreadable(f"cannot parse the data set: {type(exc).__name__}") from exc
     return Header(
         dataset=dataset,
@@ -92,6 +102,43 @@ def read_header(path: Path, tags: Iterable[int]) -> Header:
         sop_instance_uid=uids["sop_instance_uid"],
         dataset_offset=offset,
     )
+
+
+# What pydicom raises on malformed input, besides its own InvalidDicomError (found by tests/gateway/test_part10_fuzz.py).
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+)
+
+
+def _walked_dataset(path: Path, window: _Window, offset: int, transfer_syntax: UID, wanted: frozenset[int]) -> Dataset:
+    """Walk every element header to the end (the completeness check), keeping where the wanted ones are."""
+    walker = _Walker(window, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, wanted)
+    walker.elements(offset, end=window.size, depth=0)
+    if walker.undefined_wanted:  # a wanted element of undefined length: let pydicom read them
+        return clamped.read_header(path, specific_tags=list(wanted))
+    return _dataset(window, walker.found, transfer_syntax)
+
+
+def _inflated_dataset(
+    path: Path, tags: Iterable[int], uids: dict[str, str], caps: inflate.Limits, scratch: Path
+) -> Dataset:
+    """PS3.5 A.5: the deflated data set inflated under caps into a temp file (Explicit VR Little Endian) and walked."""
+    try:
+        with inflate.inflated_copy(path, scratch, caps) as copy:
+            return read_header(copy, tags).dataset
+    except inflate.Exceeded as exc:
+        raise Bomb(str(exc), uids["sop_instance_uid"]) from None
+    except inflate.Broken as exc:
+        raise Unreadable(str(exc)) from None
 
 
 _META_KEYWORDS = (
@@ -169,19 +216,6 @@ def _dataset(window: _Window, found: dict[int, tuple[str | None, int, int]], tra
     dataset = Dataset(elements)
     dataset.set_original_encoding(implicit, little)
     return dataset
-
-
-def _check_deflated(path: Path, offset: int) -> None:
-    """PS3.5 A.5: a deflated data set is whole when its zlib stream ends."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    with open(path, "rb") as stream:
-        stream.seek(offset)
-        while not inflater.eof and (chunk := stream.read(1 << 16)):
-            while chunk and not inflater.eof:
-                inflater.decompress(chunk, 1 << 20)  # bounded output: a zip bomb costs time, not memory
-                chunk = inflater.unconsumed_tail
-    if not inflater.eof:
-        raise Unreadable("the deflated data set ends early")
 
 
 class _Walker:

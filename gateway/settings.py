@@ -67,6 +67,12 @@ MIN_FREE_BYTES = env.int("ISTHMUS_MIN_FREE_MB", 1024, 0) * 1024 * 1024
 # Largest instance accepted over C-STORE or STOW-RS, and most a deflated data set may inflate to:
 # room for a 4 GB multi-frame and its header.
 MAX_INSTANCE_BYTES = env.int("ISTHMUS_MAX_INSTANCE_MB", 5 * 1024, 1) * 1024 * 1024
+# Decoding bombs: a deflated data set may inflate to at most this many times its size
+# (zeros deflate ~1000:1; real images far less), judged only once past the floor.
+MAX_INFLATE_RATIO = env.int("ISTHMUS_MAX_INFLATE_RATIO", 200, 1)
+INFLATE_RATIO_FLOOR_BYTES = env.int("ISTHMUS_INFLATE_RATIO_FLOOR_MB", 64, 0) * 1024 * 1024
+# WADO-RS decodes at most this many pixel bytes at once: a transcoded instance, or one frame.
+MAX_DECODE_BYTES = env.int("ISTHMUS_MAX_DECODE_MB", 256, 1) * 1024 * 1024
 EVENT_RETENTION_DAYS = env.int("ISTHMUS_EVENT_RETENTION_DAYS", 90, 1)
 # Where received instances live: <root>/<study>/<series>/<sop>.dcm
 STORAGE_DIR = Path(env.str("ISTHMUS_STORAGE_DIR", str(DATA_DIR / "storage"))).expanduser().resolve()

@@ -32,6 +32,7 @@ from pynetdicom.dsutils import split_dataset
 from gateway import indexing, metrics, tempdirs
 from gateway.dimse.status import Status
 from gateway.models import Instance
+from gateway.part10 import Bomb as DecodingBomb
 from gateway.part10 import Header, Unreadable, read_header
 from routing import outbox
 
@@ -103,6 +104,10 @@ class Refused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
+
+
+class Bomb(Refused):
+    """A decoding bomb (part10.Bomb): save() answers 0xC000, save_many() raises it so the request is refused whole."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ def save_many(
     at the writer lock, one fsync per directory and one commit serve every
     instance, and the files not yet durable are fsync'd all at once. Each
     instance is its own savepoint, so one refusal leaves the others stored.
-    Every source file is consumed (moved into the store or removed).
+    Every source file is consumed (moved into the store or removed). A decoding bomb
+    in any source raises Bomb, with nothing stored: the request is hostile.
     """
     results: list[StoreResult | None] = [None] * len(sources)
     received: list[Received | None] = [None] * len(sources)
@@ -263,6 +269,8 @@ def save_many(
         try:
             _check_space()
             received, results = _receive_all(temps, sources, context)
+        except Bomb:
+            raise
         except Refused as refusal:
             results = [StoreResult(refusal.status, "failed", "", refusal.reason)] * len(sources)
         waiting = [index for index, item in enumerate(received) if item is not None]
@@ -297,6 +305,8 @@ def _receive_all(
             if isinstance(synced.get(temp), OSError):
                 raise synced[temp]
             received[index] = _receive(temp, digest=source.digest, synced=True, **context)
+        except Bomb:
+            raise
         except Refused as refusal:
             results[index] = StoreResult(refusal.status, "failed", "", refusal.reason)
         except OSError as exc:
@@ -395,7 +405,10 @@ def _receive(
 ) -> Received:
     """Check the file (whole, parseable, consistent UIDs), hash it and make it durable."""
     try:
-        header = read_header(temp, indexing.HEADER_TAGS + outbox.tags())
+        header = read_header(temp, indexing.HEADER_TAGS + outbox.tags(), scratch=temp_dir())
+    except DecodingBomb as exc:
+        uid = exc.sop_instance_uid if valid_uid(exc.sop_instance_uid) else "an instance"
+        raise Bomb(Status.CANNOT_UNDERSTAND, f"{uid}: {exc}") from exc
     except Unreadable as exc:
         raise Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
     dataset = header.dataset
