@@ -56,6 +56,10 @@ def _association_wait(assoc: association.Association, timeout: float) -> None:
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(timeout)
+        if messages.queue:
+            # Queue.put() wakes one waiter, the oldest: this loop may have taken the wake-up meant for a
+            # send_*() blocked in get() for its response, which would then sleep out its DIMSE timeout.
+            messages.not_empty.notify()
 
 
 def _guard_reactor_reads(assoc: association.Association) -> None:
