@@ -6,6 +6,7 @@ class GatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
-        from gateway.dimse import reactor
+        from gateway.dimse import guard, reactor
 
         reactor.install()  # every process that opens associations: listener, worker, web (Verify)
+        guard.install()  # bounded PDUs and deadlines on every association, ours or theirs

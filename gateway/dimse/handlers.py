@@ -12,7 +12,7 @@ from django.db import close_old_connections, connection
 from pynetdicom import evt
 
 from gateway import metrics, services
-from gateway.dimse import access
+from gateway.dimse import access, guard
 from gateway.dimse.sockets import set_nodelay
 from gateway.models import Node
 
@@ -35,8 +35,9 @@ def handle_requested(event: evt.Event) -> None:
     peer_address, peer_port = _peer(assoc)
     close_old_connections()
     try:
-        # This association already counts among the AE's threads.
-        open_associations = sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
+        # Associations we accepted and that are still open, and this one. Not every acceptor thread:
+        # connections that have not asked (yet) are bounded by admission.py, not by this cap.
+        open_associations = 1 + sum(1 for other in assoc.ae.active_associations if "isthmus_event_id" in vars(other))
         decision = access.decide(calling_ae, called_ae, peer_address, open_associations)
         association_event = services.record_association(
             decision=decision,
@@ -77,7 +78,7 @@ def handle_conn_close(event: evt.Event) -> None:
     if event_id is None:
         return
     metrics.ACTIVE_ASSOCIATIONS.dec()
-    outcome = "released" if assoc.is_released else "aborted"
+    outcome = "released" if guard.released(assoc) else "aborted"
     try:
         services.finish_association(event_id=event_id, outcome=outcome, requests=assoc.isthmus_requests)
     except Exception:
@@ -104,4 +105,5 @@ HANDLERS = [
     (evt.EVT_RELEASED, handle_association_end),
     (evt.EVT_ABORTED, handle_association_end),
     (evt.EVT_CONN_CLOSE, handle_conn_close),
+    (evt.EVT_CONN_CLOSE, guard.note_silent_close),
 ]

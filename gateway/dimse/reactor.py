@@ -36,6 +36,9 @@ import weakref
 from pynetdicom import association, dul
 
 REACTOR_SLEEP = 0.001  # pynetdicom's association-loop sleep and default DUL _run_loop_delay
+# Before its A-ASSOCIATE-RQ a connection's DUL waits only for the peer's bytes (the socket wakes it) or
+# ARTIM (seconds): polling every 1 ms there let a few hundred silent connections take the CPU.
+AWAITING_REQUEST_WAIT = 0.05
 
 
 def _sleep(seconds: float) -> None:
@@ -92,6 +95,8 @@ def _dul_wait(provider: dul.DULServiceProvider, timeout: float) -> None:
     """Until the peer sends data, the association queues a primitive to send, or `timeout`."""
     sock = getattr(provider.socket, "socket", None)
     wake = _wakeup_fd(provider)
+    if provider.state_machine.current_state == "Sta2":
+        timeout = AWAITING_REQUEST_WAIT
     if sock is None or wake is None:
         time.sleep(timeout)
         return
