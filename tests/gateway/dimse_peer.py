@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import struct
 import subprocess
@@ -118,11 +119,23 @@ def proc_status(pid: int, field: str) -> int:
 
 
 @contextlib.contextmanager
-def listener_process(port: int, log: Path, **env: str) -> Iterator[subprocess.Popen]:
-    """`manage.py dimse` as its own process (one, not one per core) on `port`, its output in `log`."""
+def listener_process(
+    port: int, log: Path, tmpfs: tuple[Path, int] | None = None, **env: str
+) -> Iterator[subprocess.Popen]:
+    """`manage.py dimse` as its own process (one, not one per core) on `port`, its output in `log`.
+
+    With `tmpfs` (a folder, megabytes) it runs in its own mount namespace with a
+    tmpfs of that size on the folder, seen by the test as /proc/PID/root/FOLDER.
+    """
+    command = [sys.executable, "manage.py", "dimse", "--host", "127.0.0.1", "--port", str(port), "--processes", "1"]
+    if tmpfs is not None:
+        folder, megabytes = tmpfs
+        folder.mkdir(parents=True, exist_ok=True)
+        mount = f"mount -t tmpfs -o size={megabytes}m isthmus-test {shlex.quote(str(folder))}"
+        command = ["unshare", "--mount", "--map-root-user", "sh", "-c", f"{mount} && exec {shlex.join(command)}"]
     with log.open("w") as output:
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "dimse", "--host", "127.0.0.1", "--port", str(port), "--processes", "1"],
+            command,
             cwd=ROOT,
             env=peer_env(**env),
             stdout=output,
@@ -140,3 +153,16 @@ def _wait_ready(log: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while "ready" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this machine lets a process mount a tmpfs in its own namespace (user namespaces enabled)."""
+    probe = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", "mount -t tmpfs -o size=1m probe /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def files_under(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and path.name != ".lock"] if root.exists() else []
