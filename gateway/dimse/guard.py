@@ -17,7 +17,8 @@ checks the version; tests/gateway/test_dimse_guard.py the replaced sources):
   (GuardedServer): connection caps at accept time (admission.py), a send
   deadline on every accepted socket, and a cheap copy of the supported
   contexts for each connection;
-- pynetdicom's own tracebacks for undecodable peer data become one line;
+- pynetdicom's own tracebacks for undecodable peer data become one line, and
+  its standard (debug) handlers are not bound;
 - released(): how an association ended, read without pynetdicom's race.
 
 The gateway's other pynetdicom patches are in reactor.py and storage.py.
@@ -34,7 +35,7 @@ import time
 
 import pynetdicom
 from django.conf import settings
-from pynetdicom import AE, dimse, dul, evt
+from pynetdicom import AE, _config, dimse, dul, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -182,8 +183,12 @@ def _peer_closed(provider: dul.DULServiceProvider) -> None:
 
 def _wake_waiting_acceptor(provider: dul.DULServiceProvider) -> None:
     """Before an association request, pynetdicom's acceptor thread waits for it until ARTIM, even once the
-    connection is gone, holding its connection slot: give it the None its timeout would give it, now."""
-    if provider.assoc.is_acceptor and provider.state_machine.current_state in NO_ASSOCIATION:
+    connection is gone, holding its connection slot: give it the None its timeout would give it, now.
+
+    Not when a request was read and its event is still queued (the state lags the reads): it gets that.
+    """
+    waiting = provider.assoc.is_acceptor and provider.state_machine.current_state in NO_ASSOCIATION
+    if waiting and "Evt6" not in provider.event_queue.queue:
         provider.to_user_queue.put(None)
 
 
@@ -226,6 +231,8 @@ def note_silent_close(event: evt.Event) -> None:
 
 def receive_primitive(provider: dimse.DIMSEServiceProvider, primitive) -> None:
     """Replaces DIMSEServiceProvider.receive_primitive: buffers bounded, nothing raised into the DUL thread."""
+    events = provider.dul.event_queue.queue
+    refused_before = events.count("Evt19")
     try:
         _receive_primitive(provider, primitive)
         message = provider.message
@@ -233,6 +240,9 @@ def receive_primitive(provider: dimse.DIMSEServiceProvider, primitive) -> None:
             _check_buffers(message)
     except Exception as exc:
         _drop_message(provider, exc)
+        return
+    if events.count("Evt19") > refused_before:  # pynetdicom could not make a request of it and aborts (AA-8)
+        _log_dropped(provider, "malformed-message", "not a valid DIMSE request")
 
 
 def _check_buffers(message) -> None:
@@ -252,16 +262,19 @@ def _drop_message(provider: dimse.DIMSEServiceProvider, exc: Exception) -> None:
 
         discard(temp_file)
     reason = "message-too-large" if isinstance(exc, MessageTooLarge) else "malformed-message"
+    _log_dropped(provider, reason, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    provider.dul.event_queue.put("Evt19")  # Invalid PDU: AA-8
+
+
+def _log_dropped(provider: dimse.DIMSEServiceProvider, reason: str, why: str) -> None:
     peer = _peer(provider.assoc)
-    summary = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     _cuts.warning(
-        (reason, peer.rsplit(":", 1)[0]),
+        (reason, None, peer.rsplit(":", 1)[0]),
         "DIMSE peer %s sent a message we cannot take (%s): association aborted",
         peer,
-        summary,
+        why,
     )
     metrics.DIMSE_REFUSED.labels(reason).inc()
-    provider.dul.event_queue.put("Evt19")  # Invalid PDU: AA-8
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -371,7 +384,9 @@ class _OneLine(logging.Filter):
         return True
 
 
-PEER_DATA_LOGGERS = ("pynetdicom.utils", "pynetdicom.dimse", "pynetdicom.dsutils")
+# Where pynetdicom logs tracebacks for what a peer sent (an undecodable AE title or data set, a request its
+# service class cannot serve); handler errors (ours) keep theirs: pynetdicom.events and .service_class.
+PEER_DATA_LOGGERS = ("pynetdicom.utils", "pynetdicom.dsutils", "pynetdicom.association")
 
 _receive_primitive = dimse.DIMSEServiceProvider.receive_primitive
 
@@ -385,6 +400,10 @@ def install() -> None:
         )
     dul.DULServiceProvider._read_pdu_data = read_pdu
     dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
+    # Its standard handlers format every PDU and message for DEBUG lines our logging drops, and raise on
+    # malformed ones; its DIMSE logger only reports the invalid message receive_primitive() logs itself.
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom.dimse").setLevel(logging.CRITICAL)
     for name in PEER_DATA_LOGGERS:
         pynetdicom_logger = logging.getLogger(name)
         if not any(isinstance(f, _OneLine) for f in pynetdicom_logger.filters):

@@ -72,24 +72,36 @@ def _reject(assoc, reject: tuple[int, int, int]) -> None:
 
 
 def handle_conn_close(event: evt.Event) -> None:
-    """EVT_CONN_CLOSE (DUL thread): close the association's event exactly once, however it ended."""
-    assoc = event.assoc
-    event_id = assoc.__dict__.pop("isthmus_event_id", None)  # atomic: only one closer wins
-    if event_id is None:
-        return
-    metrics.ACTIVE_ASSOCIATIONS.dec()
-    outcome = "released" if guard.released(assoc) else "aborted"
+    """EVT_CONN_CLOSE (DUL thread): close the association's event, unless the association thread did."""
     try:
-        services.finish_association(event_id=event_id, outcome=outcome, requests=assoc.isthmus_requests)
-    except Exception:
-        log.exception("could not record the end of association event %s", event_id)
+        _finish(event.assoc)
     finally:
         connection.close()
 
 
 def handle_association_end(event: evt.Event) -> None:
-    """EVT_RELEASED / EVT_ABORTED (association thread): give back its database connection."""
-    connection.close()
+    """EVT_RELEASED / EVT_ABORTED / EVT_REJECTED (association thread): close the association's event, unless the
+    DUL thread did, and give back the database connection.
+
+    Both are needed: a peer that closes just after its request is gone (EVT_CONN_CLOSE) before we accepted it.
+    """
+    try:
+        _finish(event.assoc)
+    finally:
+        connection.close()
+
+
+def _finish(assoc) -> None:
+    """Record how an accepted association ended, exactly once whichever thread sees the end first."""
+    event_id = assoc.__dict__.pop("isthmus_event_id", None)  # atomic: only one closer wins
+    if event_id is None:
+        return
+    metrics.ACTIVE_ASSOCIATIONS.dec()
+    outcome = "released" if guard.released(assoc) else "rejected" if assoc.is_rejected else "aborted"
+    try:
+        services.finish_association(event_id=event_id, outcome=outcome, requests=assoc.isthmus_requests)
+    except Exception:
+        log.exception("could not record the end of association event %s", event_id)
 
 
 def allowed(event: evt.Event, service: str) -> bool:
@@ -104,6 +116,7 @@ HANDLERS = [
     (evt.EVT_REQUESTED, handle_requested),
     (evt.EVT_RELEASED, handle_association_end),
     (evt.EVT_ABORTED, handle_association_end),
+    (evt.EVT_REJECTED, handle_association_end),
     (evt.EVT_CONN_CLOSE, handle_conn_close),
     (evt.EVT_CONN_CLOSE, guard.note_silent_close),
 ]

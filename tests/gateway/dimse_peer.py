@@ -23,8 +23,10 @@ A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT =
 RELEASE_RQ = bytes([A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 
-def associate_rq(calling: str = "CT1", called: str = "ISTHMUS", abstract_syntax: str = Verification) -> bytes:
-    """An A-ASSOCIATE-RQ proposing one context (ID 1, implicit VR little endian) with a 16 KB max PDU."""
+def associate_rq(
+    calling: str = "CT1", called: str = "ISTHMUS", abstract_syntaxes: tuple[str, ...] = (Verification,)
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing each abstract syntax (context IDs 1, 3, 5 ..., implicit VR little endian), max PDU 16 KB."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = calling, called
@@ -33,9 +35,12 @@ def associate_rq(calling: str = "CT1", called: str = "ISTHMUS", abstract_syntax:
     implementation = ImplementationClassUIDNotification()
     implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.7433.1"
     primitive.user_information = [max_length, implementation]
-    context = build_context(abstract_syntax, ["1.2.840.10008.1.2"])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
+    contexts = []
+    for number, abstract_syntax in enumerate(abstract_syntaxes):
+        context = build_context(abstract_syntax, ["1.2.840.10008.1.2"])
+        context.context_id = 2 * number + 1
+        contexts.append(context)
+    primitive.presentation_context_definition_list = contexts
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu.encode()
@@ -90,10 +95,12 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(data)
 
 
-def established(port: int, calling: str = "CT1", source: str = "127.0.0.1", abstract_syntax: str = Verification):
+def established(
+    port: int, calling: str = "CT1", source: str = "127.0.0.1", abstract_syntaxes: tuple[str, ...] = (Verification,)
+) -> socket.socket:
     """A raw socket on which the listener accepted our association (it answered A-ASSOCIATE-AC)."""
     sock = connect(port, source)
-    sock.sendall(associate_rq(calling, abstract_syntax=abstract_syntax))
+    sock.sendall(associate_rq(calling, abstract_syntaxes=abstract_syntaxes))
     answer = read_pdu(sock)
     assert answer is not None and answer[0] == A_ASSOCIATE_AC, f"association not accepted: {answer}"
     return sock
