@@ -254,7 +254,7 @@ def _check_buffers(message) -> None:
 
 
 def _drop_message(provider: dimse.DIMSEServiceProvider, exc: Exception) -> None:
-    """Forget the message and its temp file; PS3.8 AA-8 sends the A-ABORT and tells the association."""
+    """Forget the message and its temp file, and cut the association (A-ABORT, close: the peer may stream on)."""
     message, provider.message = provider.message, None
     temp_file = getattr(message, "_data_set_file", None)
     if temp_file is not None:
@@ -262,8 +262,9 @@ def _drop_message(provider: dimse.DIMSEServiceProvider, exc: Exception) -> None:
 
         discard(temp_file)
     reason = "message-too-large" if isinstance(exc, MessageTooLarge) else "malformed-message"
-    _log_dropped(provider, reason, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    provider.dul.event_queue.put("Evt19")  # Invalid PDU: AA-8
+    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    kind = exc.args[0].split(" past ")[0] if isinstance(exc, MessageTooLarge) else None  # command set, data set
+    _cut(provider.dul, reason, f"sent a message we cannot take ({why})", INVALID_PARAMETER_VALUE, kind=kind)
 
 
 def _log_dropped(provider: dimse.DIMSEServiceProvider, reason: str, why: str) -> None:

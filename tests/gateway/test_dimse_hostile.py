@@ -8,11 +8,17 @@ connections are capped and cut, and a registered modality (dcmtk, from
 
 from __future__ import annotations
 
+import io
 import select
 import socket
 import threading
 import time
 from pathlib import Path
+
+from pynetdicom.dimse_messages import C_FIND_RQ
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from gateway.models import AssociationEvent
 from tests.conftest import echoscu, free_port
@@ -22,6 +28,7 @@ from tests.gateway.dimse_peer import (
     connect,
     established,
     listener_process,
+    p_data,
     pdu_header,
     proc_status,
     read_until_closed,
@@ -83,6 +90,52 @@ def test_slow_sender_inside_an_association_is_aborted_at_the_pdu_deadline(modali
         assert time.monotonic() - started < 5, "one byte a second extended the deadline"
         assert proc_status(listener.pid, "Threads") <= 6 + 2  # its two threads gone; the listener's own remain
     assert "did not complete a PDU in time (ISTHMUS_DIMSE_PDU_TIMEOUT)" in log.read_text()
+
+
+def test_messages_held_in_memory_are_capped(modality, tmp_path):
+    """A command set that never ends, and a query data set past ISTHMUS_DIMSE_MAX_MESSAGE_MB: both aborted."""
+    port, log = free_port(), tmp_path / "listener.log"
+    with listener_process(port, log, ISTHMUS_DIMSE_MAX_MESSAGE_MB="1") as listener:
+        assert echoscu(port, "CT1").returncode == 0
+        rss_before = proc_status(listener.pid, "VmRSS")
+        fragment = bytes(60_000)
+
+        endless_command = established(port)  # command fragments, never the last: 24 MB unless cut
+        sent = [stream_pdus(endless_command, p_data((1, 0x01, fragment)), 400)]
+        assert [pdu_type for pdu_type, _ in read_until_closed(endless_command)] == [A_ABORT]
+
+        query = established(port, abstract_syntaxes=(ModalityWorklistInformationFind,))
+        query.sendall(p_data((1, 0x03, c_find_command(ModalityWorklistInformationFind))))
+        sent.append(stream_pdus(query, p_data((1, 0x00, fragment)), 400))  # identifier fragments, never the last
+        assert [pdu_type for pdu_type, _ in read_until_closed(query)] == [A_ABORT]
+
+        assert max(sent) < 12 * MIB, f"aborted at the cap, not at the end: {sent}"
+        assert (proc_status(listener.pid, "VmRSS") - rss_before) / 1024 < 20
+    output = log.read_text()
+    assert "(MessageTooLarge: command set past 1048576 bytes)" in output
+    assert "(MessageTooLarge: data set past 1048576 bytes (ISTHMUS_DIMSE_MAX_MESSAGE_MB))" in output
+
+
+def c_find_command(sop_class: str) -> bytes:
+    """The encoded command set of a C-FIND-RQ that announces a data set (PS3.7 9.3.2.1)."""
+    request = C_FIND()
+    request.MessageID, request.AffectedSOPClassUID, request.Priority = 1, sop_class, 2
+    request.Identifier = io.BytesIO(b"x")
+    message = C_FIND_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+def stream_pdus(sock: socket.socket, pdu: bytes, times: int) -> int:
+    """Send `pdu` `times` times, stopping when the listener closes; the bytes sent."""
+    sent = 0
+    try:
+        for _ in range(times):
+            sock.sendall(pdu)
+            sent += len(pdu)
+    except OSError:
+        pass
+    return sent
 
 
 def trickle(sock: socket.socket, seconds: float) -> list[tuple[int, bytes]]:
