@@ -11,6 +11,8 @@ checks the version; tests/gateway/test_dimse_guard.py the replaced sources):
 - DULServiceProvider._read_pdu_data -> read_pdu(): the length is checked
   against a bound per PDU type before the body is read, and the whole PDU must
   arrive before a deadline (ARTIM for the association request);
+- DULServiceProvider.run_reactor -> run_reactor(): an exception in the state
+  machine ends the connection instead of orphaning it;
 - DIMSEServiceProvider.receive_primitive -> receive_primitive(): bounded
   buffers, and a malformed message aborts the association (PS3.8 AA-8);
 - RequestHandler.handle (GuardedRequestHandler) and the accept loop
@@ -19,7 +21,8 @@ checks the version; tests/gateway/test_dimse_guard.py the replaced sources):
   contexts for each connection;
 - pynetdicom's own tracebacks for undecodable peer data become one line, and
   its standard (debug) handlers are not bound;
-- released(): how an association ended, read without pynetdicom's race.
+- released(): how an association ended, read without pynetdicom's race;
+  at_association_end(): clean-up when an association's thread ends.
 
 The gateway's other pynetdicom patches are in reactor.py and storage.py.
 """
@@ -32,11 +35,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pynetdicom
 from django.conf import settings
-from pynetdicom import AE, _config, dimse, dul, evt
+from pynetdicom import AE, _config, association, dimse, dul, evt
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -164,6 +169,8 @@ def read_pdu(provider: dul.DULServiceProvider) -> None:
         return
     try:
         pdu, event = provider._decode_pdu(pdu_bytes)
+        if pdu_type != 0x04:
+            pdu.to_primitive()  # what the state machine does next, and fails on (an even context ID, a bad reason)
     except Exception as exc:
         _cut(
             provider,
@@ -229,6 +236,32 @@ def note_silent_close(event: evt.Event) -> None:
         metrics.DIMSE_REFUSED.labels("artim-timeout").inc()
 
 
+def run_reactor(provider: dul.DULServiceProvider) -> None:
+    """Replaces DULServiceProvider.run_reactor, to end the connection if pynetdicom's state machine raises.
+
+    It logs the error and re-raises, which ended the DUL thread and left the
+    socket open and the association thread waiting; read_pdu() prevents the
+    cases known, this is for the others.
+    """
+    try:
+        _run_reactor(provider)
+    except Exception as exc:
+        assoc = provider.assoc
+        log.error("DIMSE connection with %s ended: pynetdicom failed on it (%s)", _peer(assoc), type(exc).__name__)
+        metrics.DIMSE_REFUSED.labels("malformed-pdu").inc()
+        try:
+            provider.socket.close()
+        except Exception:
+            pass
+        if assoc.is_established:
+            abort = A_P_ABORT()
+            abort.provider_reason = NOT_SPECIFIED
+            provider.to_user_queue.put(abort)  # the association's reactor sees the abort and ends
+        else:
+            provider.to_user_queue.put(None)  # an acceptor waiting for the request ends
+        assoc.dimse.msg_queue.put((None, None))  # and so does a send_*() waiting for an answer
+
+
 def receive_primitive(provider: dimse.DIMSEServiceProvider, primitive) -> None:
     """Replaces DIMSEServiceProvider.receive_primitive: buffers bounded, nothing raised into the DUL thread."""
     events = provider.dul.event_queue.queue
@@ -278,6 +311,33 @@ def _log_dropped(provider: dimse.DIMSEServiceProvider, reason: str, why: str) ->
     metrics.DIMSE_REFUSED.labels(reason).inc()
 
 
+_at_end: list[Callable[[association.Association], None]] = []
+
+
+def at_association_end(callback: Callable[[association.Association], None]) -> None:
+    """Have `callback(assoc)` run when an accepted association's thread ends, however it ended.
+
+    pynetdicom has no such event: EVT_RELEASED and EVT_ABORTED miss the ends
+    where its reactor just stops (the DUL died, a request it ignores, a kill).
+    """
+    if callback not in _at_end:
+        _at_end.append(callback)
+
+
+def _ended(assoc: association.Association) -> None:
+    for callback in _at_end:
+        try:
+            callback(assoc)
+        except Exception:
+            log.exception("clean-up after the association with %s failed", _peer(assoc))
+
+
+def current_association() -> association.Association | None:
+    """The association whose DUL thread is running this code (where pynetdicom decodes what a peer sends)."""
+    thread = threading.current_thread()
+    return thread.assoc if isinstance(thread, dul.DULServiceProvider) else None
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's handler, plus: a send deadline on the socket, and the connection's slot given back when it ends."""
 
@@ -294,6 +354,7 @@ class GuardedRequestHandler(RequestHandler):
                 try:
                     run()
                 finally:
+                    _ended(assoc)
                     server.admission.release(address)
 
             assoc.run = run_then_release  # an instance attribute: Thread.start() calls it in the new thread
@@ -390,6 +451,7 @@ class _OneLine(logging.Filter):
 PEER_DATA_LOGGERS = ("pynetdicom.utils", "pynetdicom.dsutils", "pynetdicom.association")
 
 _receive_primitive = dimse.DIMSEServiceProvider.receive_primitive
+_run_reactor = dul.DULServiceProvider.run_reactor
 
 
 def install() -> None:
@@ -400,6 +462,7 @@ def install() -> None:
             "review it (and tests/gateway/test_dimse_guard.py) before upgrading"
         )
     dul.DULServiceProvider._read_pdu_data = read_pdu
+    dul.DULServiceProvider.run_reactor = run_reactor
     dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
     # Its standard handlers format every PDU and message for DEBUG lines our logging drops, and raise on
     # malformed ones; its DIMSE logger only reports the invalid message receive_primitive() logs itself.
@@ -412,6 +475,8 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return dul.DULServiceProvider._read_pdu_data is read_pdu and dimse.DIMSEServiceProvider.receive_primitive is (
-        receive_primitive
+    return (
+        dul.DULServiceProvider._read_pdu_data is read_pdu
+        and dul.DULServiceProvider.run_reactor is run_reactor
+        and dimse.DIMSEServiceProvider.receive_primitive is receive_primitive
     )

@@ -19,6 +19,7 @@ from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 
 from gateway import metrics, store
+from gateway.dimse import guard
 from gateway.dimse.handlers import allowed
 from gateway.dimse.status import Status
 
@@ -106,14 +107,22 @@ class HashingFile:
 
 
 def _temp_file(*args, **kwargs) -> HashingFile:
-    """pynetdicom's NamedTemporaryFile, in the store's temp folder (same filesystem as the root)."""
+    """pynetdicom's NamedTemporaryFile, in the store's temp folder (same filesystem as the root).
+
+    Owned by the association receiving it, so discard_unclaimed() removes it if no handler ever takes it.
+    """
     kwargs["dir"] = store.temp_dir()
-    return HashingFile(tempfile.NamedTemporaryFile(*args, **kwargs))
+    temp_file = HashingFile(tempfile.NamedTemporaryFile(*args, **kwargs))
+    assoc = guard.current_association()
+    if assoc is not None:
+        assoc.__dict__.setdefault("isthmus_temp_files", []).append(temp_file)
+    return temp_file
 
 
 def add_contexts(ae: AE) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _temp_file
+    guard.at_association_end(discard_unclaimed)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
 
@@ -178,6 +187,17 @@ def discard_queued(event: evt.Event) -> None:
     while not queue.empty():
         _context_id, primitive = queue.get_nowait()
         discard(getattr(primitive, "_dataset_file", None))
+
+
+def discard_unclaimed(assoc) -> None:
+    """When an association ends: remove every data set it received that no handler stored.
+
+    pynetdicom drops some requests without a handler (on a context it did not
+    accept, one that is not a valid request, one queued when the peer released)
+    and leaves their files; a stored one was renamed away, so its removal fails quietly.
+    """
+    for temp_file in assoc.__dict__.pop("isthmus_temp_files", []):
+        discard(temp_file)
 
 
 def discard(temp_file) -> None:

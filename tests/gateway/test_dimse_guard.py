@@ -20,6 +20,7 @@ from gateway.logthrottle import Throttled
 PINNED_SOURCES = {
     (dul, "DULServiceProvider._read_pdu_data"): "19f2d4e38c13c835",
     (dul, "DULServiceProvider._decode_pdu"): "fc71dd1bf853e1ce",
+    (dul, "DULServiceProvider.run_reactor"): "e3a10eb3a0931e48",
     (dimse, "DIMSEServiceProvider.receive_primitive"): "5f99c86b14a15cef",
     (dimse_messages, "DIMSEMessage.decode_msg"): "f51c777e841a76be",
     (transport, "RequestHandler.handle"): "034823fb4df3a874",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pynetdicom import dimse_messages, dimse_primitives
@@ -136,8 +136,15 @@ def request_bytes(draw) -> bytes:
     return _mutated(draw, request)
 
 
+def _with_context_id(request: bytes, context_id: int) -> bytes:
+    """The request with its first presentation context's ID changed (PS3.8 9.3.2.2: item type 0x20, ID at +4)."""
+    at = request.index(b"\x20\x00", 74)
+    return request[: at + 4] + bytes([context_id]) + request[at + 5 :]
+
+
 @fuzz
 @given(request=request_bytes())
+@example(request=_with_context_id(associate_rq(), 2))  # even: pynetdicom's state machine raised in its thread
 def test_arbitrary_bytes_before_an_association(fuzz_listener, request):
     port, _listener, _log = fuzz_listener
     sock = connect(port)
@@ -206,7 +213,10 @@ def dimse_traffic(draw) -> list[bytes]:
     """A few P-DATA-TF PDUs: real requests (some spoiled), or presentation data values of any header and content."""
     pdus = []
     for message_id in range(1, draw(st.integers(1, 3)) + 1):
-        if draw(st.booleans()):
+        shape = draw(st.sampled_from(["request", "values", "other"]))
+        if shape == "other":  # any other PDU type mid-association: an abort with any reason, a second request...
+            pdus.append(struct.pack(">BBL", draw(st.integers(1, 7)), 0, 4) + draw(st.binary(min_size=4, max_size=4)))
+        elif shape == "request":
             kind = draw(st.sampled_from(sorted(MESSAGES)))
             context_id = draw(st.sampled_from(CONTEXT_IDS) | st.integers(0, 255))
             data_set = draw(st.just(_query()) | st.binary(max_size=600))
@@ -223,6 +233,8 @@ def dimse_traffic(draw) -> list[bytes]:
 
 @fuzz
 @given(traffic=dimse_traffic())
+@example(traffic=_p_data_pdus("store", 2, 1, b"\x08\x00\x16\x00", 16384))  # unaccepted context: its file stayed
+@example(traffic=[bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0xFF])])  # an abort with no such reason
 def test_arbitrary_dimse_messages_in_an_association(fuzz_listener, traffic):
     port, _listener, _log = fuzz_listener
     sock = established(port, abstract_syntaxes=ABSTRACT_SYNTAXES)
