@@ -106,6 +106,11 @@ def _peer(assoc) -> str:
     return f"{info.address}:{info.port}" if info is not None else "?"
 
 
+def awaiting_request(provider: dul.DULServiceProvider) -> bool:
+    """Whether a connection's DUL is waiting for the association request (PS3.8 Sta2); reactor.py polls it slowly."""
+    return provider.state_machine.current_state == "Sta2"
+
+
 def _deadline(provider: dul.DULServiceProvider) -> tuple[float, str]:
     """When the PDU about to be read must be complete, and which limit sets it."""
     limit, which = settings.DIMSE_PDU_TIMEOUT, "ISTHMUS_DIMSE_PDU_TIMEOUT"

@@ -35,6 +35,8 @@ import weakref
 
 from pynetdicom import association, dul
 
+from gateway.dimse import guard
+
 REACTOR_SLEEP = 0.001  # pynetdicom's association-loop sleep and default DUL _run_loop_delay
 # Before its A-ASSOCIATE-RQ a connection's DUL waits only for the peer's bytes (the socket wakes it) or
 # ARTIM (seconds): polling every 1 ms there let a few hundred silent connections take the CPU.
@@ -95,7 +97,7 @@ def _dul_wait(provider: dul.DULServiceProvider, timeout: float) -> None:
     """Until the peer sends data, the association queues a primitive to send, or `timeout`."""
     sock = getattr(provider.socket, "socket", None)
     wake = _wakeup_fd(provider)
-    if provider.state_machine.current_state == "Sta2":
+    if guard.awaiting_request(provider):
         timeout = AWAITING_REQUEST_WAIT
     if sock is None or wake is None:
         time.sleep(timeout)
