@@ -14,7 +14,8 @@ checks the version; tests/gateway/test_dimse_guard.py the replaced sources):
 - DULServiceProvider.run_reactor -> run_reactor(): an exception in the state
   machine ends the connection instead of orphaning it;
 - DIMSEServiceProvider.receive_primitive -> receive_primitive(): bounded
-  buffers, and a malformed message aborts the association (PS3.8 AA-8);
+  buffers; a message past them, or that cannot be decoded, cuts the
+  association (A-ABORT and close) with one log line;
 - RequestHandler.handle (GuardedRequestHandler) and the accept loop
   (GuardedServer): connection caps at accept time (admission.py), a send
   deadline on every accepted socket, and a cheap copy of the supported
