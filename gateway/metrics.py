@@ -19,6 +19,11 @@ DIMSE_REQUESTS = Counter(
     "DIMSE requests served, by service and response status.",
     ["service", "status"],
 )
+DIMSE_REFUSED = Counter(
+    "isthmus_dimse_refused_total",
+    "Connections and associations the DIMSE port refused or cut short (caps, deadlines, oversized or malformed PDUs).",
+    ["reason"],
+)
 ACTIVE_ASSOCIATIONS = Gauge(
     "isthmus_dimse_active_associations",
     "Associations currently open on the DIMSE listeners.",

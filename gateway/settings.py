@@ -58,6 +58,15 @@ DIMSE_MAX_ASSOCIATIONS = env.int("ISTHMUS_DIMSE_MAX_ASSOCIATIONS", 50, 1, 1000)
 # Python process receives on one core. Largest PDU we accept: fewer, bigger chunks.
 DIMSE_PROCESSES = env.int("ISTHMUS_DIMSE_PROCESSES", min(os.cpu_count() or 1, 8), 1, 64)
 DIMSE_MAX_PDU = env.int("ISTHMUS_DIMSE_MAX_PDU", 131072, 0, 16_777_216)
+# --- DIMSE port limits (docs/security.md, "DIMSE port"); counted per listener process ---
+# Open connections at accept time, before any A-ASSOCIATE-RQ: in all, and from one source address.
+DIMSE_MAX_CONNECTIONS = env.int("ISTHMUS_DIMSE_MAX_CONNECTIONS", 200, 1, 100_000)
+DIMSE_MAX_CONNECTIONS_PER_HOST = env.int("ISTHMUS_DIMSE_MAX_CONNECTIONS_PER_HOST", 20, 1, 100_000)
+# Seconds from connect to a complete A-ASSOCIATE-RQ (PS3.8 9.1.5 ARTIM), and to receive any one whole PDU.
+DIMSE_ARTIM_TIMEOUT = env.float("ISTHMUS_DIMSE_ARTIM_TIMEOUT", 10.0, low=0.1)
+DIMSE_PDU_TIMEOUT = env.float("ISTHMUS_DIMSE_PDU_TIMEOUT", 30.0, low=0.1)
+# Largest command set or non-storage data set (query, MPPS, commitment) held in memory while it arrives.
+DIMSE_MAX_MESSAGE_BYTES = env.int("ISTHMUS_DIMSE_MAX_MESSAGE_MB", 16, 1, 4096) * 1024 * 1024
 # Seconds SIGTERM waits for in-flight associations before closing them.
 DIMSE_SHUTDOWN_GRACE = env.float("ISTHMUS_DIMSE_SHUTDOWN_GRACE", 30.0)
 HEARTBEAT_INTERVAL = env.float("ISTHMUS_HEARTBEAT_INTERVAL", 10.0, low=0.5)

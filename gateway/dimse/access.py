@@ -31,7 +31,8 @@ class Decision:
     detail: str = ""
 
 
-def _normalise(address: str) -> str:
+def normalise_address(address: str) -> str:
+    """An IP address as the registry compares it: an IPv4-mapped IPv6 address as plain IPv4."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -47,19 +48,19 @@ def _resolve_cached(host: str, _ttl_bucket: int) -> frozenset[str]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return frozenset()
-    return frozenset(_normalise(info[4][0]) for info in infos)
+    return frozenset(normalise_address(info[4][0]) for info in infos)
 
 
 def resolve(host: str) -> frozenset[str]:
     """Addresses of a node's host; a name is looked up again after a minute."""
     try:
-        return frozenset({_normalise(str(ipaddress.ip_address(host)))})
+        return frozenset({normalise_address(str(ipaddress.ip_address(host)))})
     except ValueError:
         return _resolve_cached(host.lower(), int(time.monotonic() // 60))
 
 
 def host_matches(node: Node, peer_address: str) -> bool:
-    return not node.host or _normalise(peer_address) in resolve(node.host)
+    return not node.host or normalise_address(peer_address) in resolve(node.host)
 
 
 def decide(calling_ae: str, called_ae: str, peer_address: str, open_associations: int = 0) -> Decision:

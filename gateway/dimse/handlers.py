@@ -12,7 +12,7 @@ from django.db import close_old_connections, connection
 from pynetdicom import evt
 
 from gateway import metrics, services
-from gateway.dimse import access
+from gateway.dimse import access, guard
 from gateway.dimse.sockets import set_nodelay
 from gateway.models import Node
 
@@ -35,8 +35,9 @@ def handle_requested(event: evt.Event) -> None:
     peer_address, peer_port = _peer(assoc)
     close_old_connections()
     try:
-        # This association already counts among the AE's threads.
-        open_associations = sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
+        # Associations we accepted and that are still open, and this one. Not every acceptor thread:
+        # connections that have not asked (yet) are bounded by admission.py, not by this cap.
+        open_associations = 1 + sum(1 for other in assoc.ae.active_associations if "isthmus_event_id" in vars(other))
         decision = access.decide(calling_ae, called_ae, peer_address, open_associations)
         association_event = services.record_association(
             decision=decision,
@@ -71,24 +72,36 @@ def _reject(assoc, reject: tuple[int, int, int]) -> None:
 
 
 def handle_conn_close(event: evt.Event) -> None:
-    """EVT_CONN_CLOSE (DUL thread): close the association's event exactly once, however it ended."""
-    assoc = event.assoc
-    event_id = assoc.__dict__.pop("isthmus_event_id", None)  # atomic: only one closer wins
-    if event_id is None:
-        return
-    metrics.ACTIVE_ASSOCIATIONS.dec()
-    outcome = "released" if assoc.is_released else "aborted"
+    """EVT_CONN_CLOSE (DUL thread): close the association's event, unless the association thread did."""
     try:
-        services.finish_association(event_id=event_id, outcome=outcome, requests=assoc.isthmus_requests)
-    except Exception:
-        log.exception("could not record the end of association event %s", event_id)
+        _finish(event.assoc)
     finally:
         connection.close()
 
 
 def handle_association_end(event: evt.Event) -> None:
-    """EVT_RELEASED / EVT_ABORTED (association thread): give back its database connection."""
-    connection.close()
+    """EVT_RELEASED / EVT_ABORTED / EVT_REJECTED (association thread): close the association's event, unless the
+    DUL thread did, and give back the database connection.
+
+    Both are needed: a peer that closes just after its request is gone (EVT_CONN_CLOSE) before we accepted it.
+    """
+    try:
+        _finish(event.assoc)
+    finally:
+        connection.close()
+
+
+def _finish(assoc) -> None:
+    """Record how an accepted association ended, exactly once whichever thread sees the end first."""
+    event_id = assoc.__dict__.pop("isthmus_event_id", None)  # atomic: only one closer wins
+    if event_id is None:
+        return
+    metrics.ACTIVE_ASSOCIATIONS.dec()
+    outcome = "released" if guard.released(assoc) else "rejected" if assoc.is_rejected else "aborted"
+    try:
+        services.finish_association(event_id=event_id, outcome=outcome, requests=assoc.isthmus_requests)
+    except Exception:
+        log.exception("could not record the end of association event %s", event_id)
 
 
 def allowed(event: evt.Event, service: str) -> bool:
@@ -103,5 +116,7 @@ HANDLERS = [
     (evt.EVT_REQUESTED, handle_requested),
     (evt.EVT_RELEASED, handle_association_end),
     (evt.EVT_ABORTED, handle_association_end),
+    (evt.EVT_REJECTED, handle_association_end),
     (evt.EVT_CONN_CLOSE, handle_conn_close),
+    (evt.EVT_CONN_CLOSE, guard.note_silent_close),
 ]

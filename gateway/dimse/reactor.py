@@ -35,7 +35,12 @@ import weakref
 
 from pynetdicom import association, dul
 
+from gateway.dimse import guard
+
 REACTOR_SLEEP = 0.001  # pynetdicom's association-loop sleep and default DUL _run_loop_delay
+# Before its A-ASSOCIATE-RQ a connection's DUL waits only for the peer's bytes (the socket wakes it) or
+# ARTIM (seconds): polling every 1 ms there let a few hundred silent connections take the CPU.
+AWAITING_REQUEST_WAIT = 0.05
 
 
 def _sleep(seconds: float) -> None:
@@ -56,6 +61,10 @@ def _association_wait(assoc: association.Association, timeout: float) -> None:
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(timeout)
+        if messages.queue:
+            # Queue.put() wakes one waiter, the oldest: this loop may have taken the wake-up meant for a
+            # send_*() blocked in get() for its response, which would then sleep out its DIMSE timeout.
+            messages.not_empty.notify()
 
 
 def _guard_reactor_reads(assoc: association.Association) -> None:
@@ -88,6 +97,8 @@ def _dul_wait(provider: dul.DULServiceProvider, timeout: float) -> None:
     """Until the peer sends data, the association queues a primitive to send, or `timeout`."""
     sock = getattr(provider.socket, "socket", None)
     wake = _wakeup_fd(provider)
+    if guard.awaiting_request(provider):
+        timeout = AWAITING_REQUEST_WAIT
     if sock is None or wake is None:
         time.sleep(timeout)
         return

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-import socket
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from django.conf import settings
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import store
+from gateway.dimse import guard
+from gateway.dimse.admission import Admission
 from gateway.dimse.handlers import HANDLERS
 from gateway.heartbeat import HeartbeatThread
 
@@ -63,22 +62,16 @@ def build_ae() -> AE:
     ae = AE(ae_title=settings.AE_TITLE)
     for module in service_modules():
         module.add_contexts(ae)
-    ae.maximum_associations = settings.DIMSE_MAX_ASSOCIATIONS
+    # pynetdicom counts every connection, asked or not, against this; ours (handlers.py) counts accepted
+    # associations, and admission.py the connections: keep pynetdicom's out of the way of both.
+    ae.maximum_associations = settings.DIMSE_MAX_CONNECTIONS + settings.DIMSE_MAX_ASSOCIATIONS
     ae.maximum_pdu_size = settings.DIMSE_MAX_PDU
     ae.network_timeout = settings.DIMSE_IDLE_TIMEOUT
-    ae.acse_timeout = settings.DIMSE_TIMEOUT
+    ae.acse_timeout = settings.DIMSE_ARTIM_TIMEOUT  # PS3.8 9.1.5: the wait for an A-ASSOCIATE-RQ
     ae.dimse_timeout = settings.DIMSE_TIMEOUT
     # Called/calling AE checks happen in handlers.handle_requested, against the registry.
     ae.require_called_aet = False
     return ae
-
-
-class ReusePortServer(ThreadedAssociationServer):
-    """Lets several listener processes accept on one port; the kernel spreads connections."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 class Listener:
@@ -89,6 +82,9 @@ class Listener:
         self.ae = build_ae()
         self.server = None
         self.heartbeat = HeartbeatThread("dimse")
+        self.admission = Admission(
+            total=settings.DIMSE_MAX_CONNECTIONS, per_host=settings.DIMSE_MAX_CONNECTIONS_PER_HOST
+        )
 
     @property
     def address(self) -> str:
@@ -96,20 +92,11 @@ class Listener:
 
     def start(self) -> None:
         store.sweep_temp_files()  # temp files of a listener that died mid-transfer
-        if self.reuse_port:
-            self.server = self._start_reuse_port_server()
-        else:
-            self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=all_handlers())
+        self.server = guard.serve(self.ae, (self.host, self.port), all_handlers(), self.admission, self.reuse_port)
+        self.admission.start()
         self.port = self.server.server_address[1]
         self.heartbeat.start(self.address)
         log.info("DIMSE listener %s ready", self.address)
-
-    def _start_reuse_port_server(self) -> ThreadedAssociationServer:
-        """AE.start_server(block=False) with our server class (pynetdicom offers no parameter for it)."""
-        server = self.ae.make_server((self.host, self.port), evt_handlers=all_handlers(), server_class=ReusePortServer)
-        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
-        self.ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
-        return server
 
     def active(self) -> list:
         """Established associations we accepted: the work SIGTERM must let finish."""
@@ -125,5 +112,6 @@ class Listener:
         for association in self.active():
             log.warning("aborting association with %s at shutdown", association.requestor.ae_title)
             association.abort()
+        self.admission.stop()
         self.heartbeat.stop()
         log.info("DIMSE listener stopped")

@@ -15,6 +15,8 @@ Status.add("OUT_OF_RESOURCES", 0xA700)
 # Resources" range, because it is transient and a modality should queue and
 # retry; a distinct code so the peer's log tells the two causes apart.
 Status.add("INDEX_UNAVAILABLE", 0xA701)
+# Larger than ISTHMUS_MAX_INSTANCE_MB: A7xx too (the only refusal PS3.4 B.2.3 has for size), its own code for the log.
+Status.add("INSTANCE_TOO_LARGE", 0xA702)
 # The data set's SOP Class or Instance UID differs from the C-STORE command's.
 Status.add("DATASET_MISMATCH", 0xA900)
 # Not a parseable DICOM data set (truncated, malformed, unusable UIDs).
