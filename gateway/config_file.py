@@ -33,18 +33,18 @@ def _condition_errors(conditions: Any) -> list[str]:
 
 def _undeletable_destinations(names: list[str]) -> list[str]:
     """Destinations the file drops that still owe instances: the import refuses them, with the count."""
-    from routing import services  # routing's own rule: nothing undelivered is dropped
+    from routing import destinations  # routing's own rule: nothing undelivered is dropped
 
-    owed = services.owed_jobs(Destination.objects.filter(name__in=names).values_list("pk", flat=True))
+    owed = destinations.owed_jobs(Destination.objects.filter(name__in=names).values_list("pk", flat=True))
     names_by_id = dict(Destination.objects.filter(pk__in=owed).values_list("pk", "name"))
-    return [str(services.DestinationInUse(names_by_id[pk], *counts)) for pk, counts in sorted(owed.items())]
+    return [str(destinations.DestinationInUse(names_by_id[pk], *counts)) for pk, counts in sorted(owed.items())]
 
 
 def _delete_destinations(names: list[str]) -> None:
-    from routing import services
+    from routing import destinations
 
     for destination in Destination.objects.filter(name__in=names):
-        services.delete_destination(destination)
+        destinations.delete_destination(destination)
 
 
 @dataclass(frozen=True)

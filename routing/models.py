@@ -124,7 +124,7 @@ class ForwardJob(models.Model):
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="forward_jobs")
     # PROTECT: a destination that still owes instances is never deleted from under its jobs
-    # (services.delete_destination removes the finished ones first and says what blocks).
+    # (routing/destinations.py deletes the finished ones first and says what blocks).
     destination = models.ForeignKey(Destination, on_delete=models.PROTECT, related_name="jobs")
     rule = models.ForeignKey(Rule, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     study_instance_uid = models.CharField(max_length=64, help_text="Batches are per study and destination.")

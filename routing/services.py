@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -20,14 +19,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, F, ProtectedError, Q, QuerySet
+from django.db import connection, transaction
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from gateway import store
 from gateway.models import Instance
 from routing import metrics, outbox
 from routing.delivery import DEAD, DELIVERED, RETRY, DeliveryError, Item, Result
+from routing.leases import LeaseHeartbeat, lease
 from routing.models import DeliveryAttempt, Destination, ForwardJob
 from routing.ratelimit import Pacer
 
@@ -47,10 +47,6 @@ class Claim:
     missing: list[int]  # jobs whose stored file is gone
     jobs: dict[int, tuple[int, datetime, int]] = field(default_factory=dict)  # id -> (attempts, created_at, size)
     started: float = field(default_factory=time.monotonic)
-
-
-def lease() -> timedelta:
-    return timedelta(seconds=settings.ROUTING_LEASE_SECONDS)
 
 
 def _claimable(now: datetime) -> QuerySet:
@@ -114,49 +110,6 @@ def _load_claim(token: str, destination: Destination) -> Claim | None:
             )
         )
     return claim if claim.jobs else None
-
-
-def renew_lease(token: str) -> int:
-    """Extend the lease of the jobs this delivery still holds: its token, and a lease not yet run out.
-
-    A delivery that stalled past its lease must not extend it: another delivery
-    may have taken the jobs (a new token), or the sweep has re-rung them (a blank one).
-    """
-    now = timezone.now()
-    held = ForwardJob.objects.filter(batch=token, state=State.PENDING, lease_until__gt=now)
-    return held.update(lease_until=now + lease())
-
-
-class LeaseHeartbeat:
-    """Renews a claim's lease every lease/3 while its send runs, so a send longer than the lease is not taken over.
-
-    A thread with its own database connection: one instance may take minutes on
-    the wire, with no result to record (and so no renewal) until it is acknowledged.
-    """
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{token[:8]}", daemon=True)
-
-    def __enter__(self) -> LeaseHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(settings.ROUTING_LEASE_SECONDS / 3):
-                try:
-                    if not renew_lease(self.token):
-                        return  # every job recorded, or the lease lost: nothing of ours to keep
-                except DatabaseError as exc:  # the next beat tries again; the lease has two more periods
-                    log.warning("lease of batch %s not renewed: %s", self.token, type(exc).__name__)
-        finally:
-            connection.close()
 
 
 def retry_delay(destination: Destination, attempts: int) -> float:
@@ -469,68 +422,3 @@ def verify_destination(destination: Destination) -> tuple[bool, str]:
     from routing.delivery import stow
 
     return stow.verify(destination)
-
-
-# --- Deleting a destination ---------------------------------------------------------------------
-
-OWED = (State.PENDING, State.DEAD)  # a retrying job is pending with attempts > 0
-FINISHED = (State.DELIVERED, State.CANCELLED)
-
-
-class DestinationInUse(Exception):
-    """A destination that still owes instances cannot be deleted: its pending, retrying or dead jobs would be lost."""
-
-    def __init__(self, name: str, pending: int, dead: int) -> None:
-        self.name, self.pending, self.dead = name, pending, dead
-        super().__init__(
-            f"destination {name!r} cannot be deleted: {pending + dead} undelivered forward job(s)"
-            f" ({pending} pending or retrying, {dead} dead); cancel them or let them be delivered first"
-        )
-
-
-def owed_jobs(destination_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
-    """(pending, dead) job counts of those destinations that still owe instances, in one query."""
-    rows = (
-        ForwardJob.objects.filter(destination_id__in=list(destination_ids), state__in=OWED)
-        .values_list("destination_id", "state")
-        .annotate(count=Count("pk"))
-        .order_by()
-    )
-    owed: dict[int, tuple[int, int]] = {}
-    for destination_id, state, count in rows:
-        pending, dead = owed.get(destination_id, (0, 0))
-        owed[destination_id] = (pending + count, dead) if state == State.PENDING else (pending, dead + count)
-    return owed
-
-
-def finished_jobs(destination_ids: Iterable[int]) -> int:
-    """Delivered and cancelled jobs of those destinations: what goes with them."""
-    return ForwardJob.objects.filter(destination_id__in=list(destination_ids), state__in=FINISHED).count()
-
-
-def delete_destination(destination: Destination) -> int:
-    """Delete a destination that owes nothing, with its delivered and cancelled jobs; returns how many jobs went.
-
-    Finished jobs go with it rather than being kept without one: they describe
-    deliveries to a place that no longer exists, and the instances stay stored.
-    Raises DestinationInUse while a job is pending, retrying or dead; the
-    foreign key's PROTECT refuses one that arrives meanwhile.
-    """
-    with transaction.atomic():
-        # Locked (PostgreSQL: a new job's foreign key waits on it; SQLite: the IMMEDIATE transaction).
-        locked = Destination.objects.select_for_update().filter(pk=destination.pk).first()
-        if locked is None:
-            return 0
-        owed = owed_jobs([locked.pk]).get(locked.pk)
-        if owed:
-            raise DestinationInUse(locked.name, *owed)
-        finished = ForwardJob.objects.filter(destination_id=locked.pk, state__in=FINISHED)
-        count = 0
-        while ids := list(finished.values_list("pk", flat=True)[:2000]):
-            DeliveryAttempt.objects.filter(job_id__in=ids).delete()
-            count += ForwardJob.objects.filter(pk__in=ids).delete()[0]
-        try:
-            locked.delete()
-        except ProtectedError:
-            raise DestinationInUse(locked.name, *owed_jobs([locked.pk]).get(locked.pk, (1, 0))) from None
-    return count

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from gateway.models import Heartbeat
 from routing import services
+from routing.leases import renew_lease
 from routing.models import DeliveryAttempt, ForwardJob
 from tests.conftest import free_port
 from tests.routing.conftest import rule, states, stow_destination
@@ -32,14 +33,14 @@ def test_a_lease_the_delivery_no_longer_holds_is_never_extended(storage, rings, 
     rule("cloud", {}, destination)
     receive(tmp_path / "in", study_uid="1.2.3.4", count=2)
     stalled = services.claim_batch(destination.pk, "1.2.3.4")
-    assert services.renew_lease(stalled.token) == 2  # held: renewed
+    assert renew_lease(stalled.token) == 2  # held: renewed
 
     ForwardJob.objects.update(lease_until=timezone.now() - timedelta(seconds=1))  # it stalled past its lease
-    assert services.renew_lease(stalled.token) == 0  # run out, even before anyone took the jobs
+    assert renew_lease(stalled.token) == 0  # run out, even before anyone took the jobs
     newer = services.claim_batch(destination.pk, "1.2.3.4")
     held_until = set(ForwardJob.objects.values_list("lease_until", flat=True))
 
-    assert services.renew_lease(stalled.token) == 0
+    assert renew_lease(stalled.token) == 0
     assert set(ForwardJob.objects.values_list("batch", flat=True)) == {newer.token}
     assert set(ForwardJob.objects.values_list("lease_until", flat=True)) == held_until
 
