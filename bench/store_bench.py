@@ -1,6 +1,7 @@
 """C-STORE ingest rate: Isthmus's DIMSE listener against Orthanc, the same files from the same dcmtk storescu.
 
     .venv/bin/python bench/store_bench.py [--count N] [--repeat R] [--big-mb MB] [--quick] [--keep]
+                                          [--bare] [--synchronous full,normal]
 
 Four cells: ~0.5 MB CT slices (512x512x16 bit) and ~8 KB instances, over 1
 and 4 parallel associations (4 storescu processes, a quarter of the files
@@ -19,6 +20,11 @@ median of the per-run ratios, since this machine is shared and noisy.
 Then one multi-frame instance of --big-mb (default 1024) is sent to a freshly
 started listener of each server and the listener's peak RSS (VmHWM) reported.
 The temp dir is made in $BENCH_TMPDIR if set (it must be on the disk to test).
+
+`--synchronous full,normal` runs one Isthmus listener per SQLite synchronous
+mode (ISTHMUS_SQLITE_SYNCHRONOUS), each with its own data dir, their sends
+interleaved in every cell, and adds the FULL / NORMAL ratio: the cost of
+answering success only after a commit that survives a power cut.
 """
 
 from __future__ import annotations
@@ -155,9 +161,12 @@ class Server:
             self.process = None
 
 
+@dataclass
 class Isthmus(Server):
+    synchronous: str = "full"  # ISTHMUS_SQLITE_SYNCHRONOUS
+
     def env(self) -> dict[str, str]:
-        return isthmus_env(self.base, ISTHMUS_REQUIRE_KNOWN_AE="false")
+        return isthmus_env(self.base, ISTHMUS_REQUIRE_KNOWN_AE="false", ISTHMUS_SQLITE_SYNCHRONOUS=self.synchronous)
 
     def start(self) -> None:
         manage = [sys.executable, str(ROOT / "manage.py")]
@@ -272,10 +281,10 @@ class Cell:
         seconds = statistics.median(self.seconds[name])
         return self.files / seconds, self.size / MB / seconds
 
-    def ratio(self) -> float:
-        """Median over repeats of Isthmus's rate / Orthanc's, each pair measured side by side."""
-        pairs = zip(self.seconds["Isthmus"], self.seconds["Orthanc"], strict=True)
-        return statistics.median(orthanc / isthmus for isthmus, orthanc in pairs)
+    def ratio(self, name: str, reference: str = "Orthanc") -> float:
+        """Median over repeats of `name`'s rate / `reference`'s, each pair measured side by side."""
+        pairs = zip(self.seconds[name], self.seconds[reference], strict=True)
+        return statistics.median(theirs / ours for ours, theirs in pairs)
 
 
 def run_cell(cell: Cell, folder: Path, servers: list[Server], expected: dict[str, int]) -> None:
@@ -325,23 +334,25 @@ def big_instance(work: Path, servers: list[Server], megabytes: int) -> list[tupl
 # -- report ------------------------------------------------------------------
 
 
-def table(cells: list[Cell]) -> str:
-    bare = "pynetdicom" in cells[0].seconds
-    lines = [
-        "| cell | instances | MiB | Isthmus inst/s | Isthmus MiB/s | Orthanc inst/s | Orthanc MiB/s | ratio |"
-        + (" bare pynetdicom inst/s | bare / Orthanc |" if bare else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if bare else ""),
-    ]
+def ratios(names: list[str]) -> list[tuple[str, str]]:
+    """The ratio columns: every server against Orthanc, and FULL against NORMAL when both ran."""
+    pairs = [(name, "Orthanc") for name in names if name != "Orthanc"]
+    if "Isthmus FULL" in names and "Isthmus NORMAL" in names:
+        pairs.append(("Isthmus FULL", "Isthmus NORMAL"))
+    return pairs
+
+
+def table(cells: list[Cell], names: list[str]) -> str:
+    pairs = ratios(names)
+    header = ["cell", "instances", "MiB"]
+    header += [f"{name} {unit}" for name in names for unit in ("inst/s", "MiB/s")]
+    header += [f"{name} / {reference}" for name, reference in pairs]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for cell in cells:
-        ours, theirs = cell.rate("Isthmus"), cell.rate("Orthanc")
-        line = (
-            f"| {cell.label} | {cell.files} | {cell.size / MB:.1f} | {ours[0]:.1f} | {ours[1]:.1f} "
-            f"| {theirs[0]:.1f} | {theirs[1]:.1f} | {cell.ratio():.2f} |"
-        )
-        if bare:
-            pairs = zip(cell.seconds["pynetdicom"], cell.seconds["Orthanc"], strict=True)
-            line += f" {cell.rate('pynetdicom')[0]:.1f} | {statistics.median(o / b for b, o in pairs):.2f} |"
-        lines.append(line)
+        values = [cell.label, str(cell.files), f"{cell.size / MB:.1f}"]
+        values += [f"{rate:.1f}" for name in names for rate in cell.rate(name)]
+        values += [f"{cell.ratio(name, reference):.2f}" for name, reference in pairs]
+        lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -360,18 +371,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--count 40 --repeat 1 --big-mb 64: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, stores)")
     parser.add_argument("--bare", action="store_true", help="also measure stock pynetdicom (bench/bare_scp.py)")
+    parser.add_argument(
+        "--synchronous", default="full", help="SQLite synchronous mode(s) of Isthmus, comma-separated: full, normal"
+    )
     args = parser.parse_args()
     if args.quick:
         args.count, args.repeat, args.big_mb = 40, 1, 64
+    modes = [mode.strip().lower() for mode in args.synchronous.split(",") if mode.strip()]
+    if not modes or set(modes) - {"full", "normal"}:
+        parser.error("--synchronous takes full, normal or full,normal")
     work = Path(tempfile.mkdtemp(prefix="isthmus-store-bench-", dir=os.environ.get("BENCH_TMPDIR")))
-    for name in ("isthmus", "orthanc", "bare"):
-        (work / name).mkdir()
     servers: list[Server] = [
-        Isthmus("Isthmus", "ISTHMUS", work / "isthmus"),
-        Orthanc("Orthanc", "ORTHANC", work / "orthanc"),
+        Isthmus(
+            f"Isthmus {mode.upper()}" if len(modes) > 1 else "Isthmus",
+            "ISTHMUS",
+            work / f"isthmus-{mode}",
+            synchronous=mode,
+        )
+        for mode in modes
     ]
+    servers.append(Orthanc("Orthanc", "ORTHANC", work / "orthanc"))
     if args.bare:
         servers.append(Bare("pynetdicom", "BARE", work / "bare"))
+    for server in servers:
+        server.base.mkdir()
     print(f"nproc {os.cpu_count()}, work dir {work}, {args.count} instances per cell and run", flush=True)
     try:
         for server in servers:
@@ -384,11 +407,15 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(table(cells))
-    ratios = [cell.ratio() for cell in cells]
+    names = [server.name for server in servers]
+    print(table(cells, names))
+    means = ", ".join(
+        f"{name} / {reference} {statistics.geometric_mean(cell.ratio(name, reference) for cell in cells):.2f}"
+        for name, reference in ratios(names)
+    )
     print(
-        f"\nrates from the median of {args.repeat} runs; ratio = median over runs of Isthmus inst/s / Orthanc inst/s"
-        f" (geometric mean {statistics.geometric_mean(ratios):.2f}); MiB = 2^20 bytes"
+        f"\nrates from the median of {args.repeat} runs; a / b = median over runs of a's inst/s / b's inst/s,"
+        f" measured side by side (geometric means over the cells: {means}); MiB = 2^20 bytes"
     )
     if big:
         print(f"\nOne {args.big_mb} MiB multi-frame instance, one association, fresh listener:\n")

@@ -108,6 +108,10 @@ def _keyword(attribute_id: str) -> str:
     raise DicomWebError(400, f"unknown attribute {shown}")
 
 
+# Far beyond any index, and what every database takes as a LIMIT or OFFSET (PostgreSQL's is a bigint).
+MAX_PAGE_NUMBER = 2**31 - 1
+
+
 def _int_param(params: Mapping[str, Sequence[str]], name: str, default: int) -> int:
     values = params.get(name) or []
     if not values or values[-1] == "":
@@ -115,9 +119,9 @@ def _int_param(params: Mapping[str, Sequence[str]], name: str, default: int) -> 
     try:
         number = int(values[-1])
     except ValueError:
-        raise DicomWebError(400, f"{name} must be a non-negative integer") from None
-    if number < 0:
-        raise DicomWebError(400, f"{name} must be a non-negative integer")
+        number = -1
+    if not 0 <= number <= MAX_PAGE_NUMBER:
+        raise DicomWebError(400, f"{name} must be an integer from 0 to {MAX_PAGE_NUMBER}")
     return number
 
 

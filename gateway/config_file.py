@@ -32,6 +32,22 @@ def _condition_errors(conditions: Any) -> list[str]:
     return condition_errors(conditions)
 
 
+def _undeletable_destinations(names: list[str]) -> list[str]:
+    """Destinations the file drops that still owe instances: the import refuses them, with the count."""
+    from routing import destinations  # routing's own rule: nothing undelivered is dropped
+
+    owed = destinations.owed_jobs(Destination.objects.filter(name__in=names).values_list("pk", flat=True))
+    names_by_id = dict(Destination.objects.filter(pk__in=owed).values_list("pk", "name"))
+    return [str(destinations.DestinationInUse(names_by_id[pk], *counts)) for pk, counts in sorted(owed.items())]
+
+
+def _delete_destinations(names: list[str]) -> None:
+    from routing import destinations
+
+    for destination in Destination.objects.filter(name__in=names):
+        destinations.delete_destination(destination)
+
+
 @dataclass(frozen=True)
 class Section:
     """One top-level list of the file: which model, which fields, which are required, how fields map."""
@@ -47,6 +63,8 @@ class Section:
     aliases: dict[str, str] = field(default_factory=dict)  # file key -> model attribute
     checks: dict[str, Callable[[Any], list[str]]] = field(default_factory=dict)
     omit_blank: bool = False  # export leaves out empty optional fields
+    undeletable: Callable[[list[str]], list[str]] | None = None  # errors for objects that must not be deleted
+    delete: Callable[[list[str]], None] | None = None  # how to delete by name, when not a plain delete()
 
     def attr(self, key: str) -> str:
         return self.aliases.get(key, key)
@@ -69,6 +87,7 @@ SECTIONS: dict[str, Section] = {
     "destinations": Section(
         "destinations", "destination", Destination, DESTINATION_FIELDS, ("name", "kind"),
         refs={"node": Node}, secrets=Destination.SECRETS, omit_blank=True,
+        undeletable=_undeletable_destinations, delete=_delete_destinations,
     ),
     "rules": Section(
         "rules", "rule", Rule, RULE_FIELDS, ("name", "destinations", "conditions"),
@@ -221,6 +240,8 @@ def _plan_section(section: Section, entries: Any, final: dict[type, dict[str, mo
     for index, entry in enumerate(entries):
         _plan_entry(plan, index, entry, existing, final)
     plan.deleted = sorted(set(existing) - set(plan.final))
+    if plan.deleted and section.undeletable:
+        plan.errors.extend(section.undeletable(plan.deleted))
     plan.changes.extend(Change("delete", section.noun, name) for name in plan.deleted)
     final[section.model] = plan.final
     return plan
@@ -334,7 +355,10 @@ def import_config(text: str, *, dry_run: bool = False) -> list[Change]:
 def _apply(plans: list[Plan]) -> None:
     with transaction.atomic():
         for plan in reversed(plans):  # rules, then destinations, then nodes: nothing is deleted while used
-            plan.section.model.objects.filter(name__in=plan.deleted).delete()
+            if plan.section.delete:
+                plan.section.delete(plan.deleted)
+            else:
+                plan.section.model.objects.filter(name__in=plan.deleted).delete()
         for plan in plans:
             for obj in plan.to_save:
                 obj.save()  # Django takes a reference's id from the object saved just before

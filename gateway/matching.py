@@ -18,6 +18,8 @@ DECIMAL_VRS = frozenset({"DS", "FL", "FD"})
 # PS3.4 C.2.2.2.4: no wildcard matching for these; '*' or '?' are then plain characters.
 NO_WILDCARD_VRS = DATE_TIME_VRS | INTEGER_VRS | DECIMAL_VRS | {"OB", "OW", "UN", "AT", "AS", "UI"}
 _RANGE_VALUE = re.compile(r"^[0-9.+]*$")
+# Matches no row without asking the database: the answer to a value no stored value can equal.
+NOTHING = Q(pk__in=[])
 
 
 class QueryValueError(ValueError):
@@ -99,6 +101,11 @@ def is_single_value(value: object, vr: str) -> bool:
     return vr in NO_WILDCARD_VRS or not any(char in values[0] for char in "*?")
 
 
+def storable(value: str) -> bool:
+    """False for a value no index column can hold (a NUL: PostgreSQL refuses it even as a parameter)."""
+    return "\x00" not in value
+
+
 def match(field: str, vr: str, value: object, *, ignore_case: bool = False) -> Q:
     """A Q object for matching `field` (of VR `vr`) against a C-FIND query value.
 
@@ -109,10 +116,14 @@ def match(field: str, vr: str, value: object, *, ignore_case: bool = False) -> Q
         return Q()
     values = query_values(value)
     if vr == "UI" and len(values) > 1:
-        return Q(**{f"{field}__in": values})  # PS3.4 C.2.2.2.2 list of UID matching
+        uids = [uid for uid in values if storable(uid)]
+        return Q(**{f"{field}__in": uids}) if uids else NOTHING  # PS3.4 C.2.2.2.2 list of UID matching
     combined = Q()
     for single in values:  # several values: an entity matching any of them matches
-        combined |= _match_one(field, vr, single, ignore_case=ignore_case and vr == "PN")
+        if storable(single):
+            combined |= _match_one(field, vr, single, ignore_case=ignore_case and vr == "PN")
+        else:
+            combined |= NOTHING
     return combined
 
 

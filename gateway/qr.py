@@ -153,7 +153,7 @@ def _level_of(root: str, keyword: str) -> str | None:
 def _query_level(root: str, identifier: Dataset) -> str:
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in ROOT_LEVELS[root]:
-        raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(ROOT_LEVELS[root])}")
+        raise QueryError(f"Query/Retrieve Level {level[:16]!r} is not one of {', '.join(ROOT_LEVELS[root])}")
     return level
 
 

@@ -210,11 +210,14 @@ TEMPLATES = [
 def _database() -> dict:
     url = os.environ.get("DATABASE_URL", "").strip()
     # Several processes share an SQLite file: WAL lets readers run beside the
-    # writer, IMMEDIATE takes the write lock up front.
+    # writer, IMMEDIATE takes the write lock up front. synchronous=FULL syncs the
+    # WAL at every commit, so a success answered after a commit survives a power
+    # cut (NORMAL, faster, may lose the last commits: docs/benchmarks.md has the cost).
+    synchronous = env.choice("ISTHMUS_SQLITE_SYNCHRONOUS", "full", ("full", "normal"))
     sqlite_options = {
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "init_command": f"PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous.upper()};",
     }
     if not url:
         return {

@@ -12,14 +12,14 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.db import connection, models
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from gateway.admin import StudyAdmin
 from gateway.models import Study
-from routing import selectors, services
+from routing import destinations, selectors, services
 from routing.forms import DestinationForm, RuleForm, SendStudiesForm
 from routing.models import DeliveryAttempt, Destination, ForwardJob, Rule
 
@@ -83,7 +83,11 @@ class DestinationAdmin(admin.ModelAdmin):
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
         # The queue table above the list: three aggregate queries for all destinations.
         extra = {"routing_stats": selectors.destination_stats(), **(extra_context or {})}
-        return super().changelist_view(request, extra_context=extra)
+        try:
+            return super().changelist_view(request, extra_context=extra)
+        except destinations.DestinationInUse as exc:  # "delete selected": a job arrived after the confirmation
+            self.message_user(request, str(exc), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
 
     @admin.display(description="target")
     def target(self, destination: Destination) -> str:
@@ -103,6 +107,35 @@ class DestinationAdmin(admin.ModelAdmin):
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("routing.change_destination")
+
+    # --- Deleting: refused while a destination owes instances (routing/destinations.py) -------------
+
+    def get_deleted_objects(self, objs, request: HttpRequest) -> tuple[list, dict, set, list]:
+        """The confirmation page: counts rather than every finished job; what still owes instances is protected."""
+        chosen = list(objs)
+        ids = [destination.pk for destination in chosen]
+        owed = destinations.owed_jobs(ids)
+        protected = [str(destinations.DestinationInUse(d.name, *owed[d.pk])) for d in chosen if d.pk in owed]
+        finished = destinations.finished_jobs(ids)
+        deleted = [f"Destination: {destination.name}" for destination in chosen]
+        if finished:
+            deleted.append([f"{finished} delivered or cancelled forward job(s) and their attempts"])
+        counts = {Destination._meta.verbose_name_plural: len(chosen), "finished forward jobs": finished}
+        return deleted, counts, set(), protected
+
+    def delete_model(self, request: HttpRequest, obj: Destination) -> None:
+        destinations.delete_destination(obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Destination]) -> None:
+        for destination in queryset:
+            destinations.delete_destination(destination)
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context: dict | None = None) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except destinations.DestinationInUse as exc:  # a job arrived between the confirmation and the delete
+            self.message_user(request, str(exc), messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:routing_destination_change", args=[object_id]))
 
     @admin.action(description="Verify selected destinations (C-ECHO, or a DICOMweb request)")
     def verify(self, request: HttpRequest, queryset: QuerySet[Destination]) -> TemplateResponse:

@@ -127,7 +127,9 @@ class ForwardJob(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="forward_jobs")
-    destination = models.ForeignKey(Destination, on_delete=models.CASCADE, related_name="jobs")
+    # PROTECT: a destination that still owes instances is never deleted from under its jobs
+    # (routing/destinations.py deletes the finished ones first and says what blocks).
+    destination = models.ForeignKey(Destination, on_delete=models.PROTECT, related_name="jobs")
     rule = models.ForeignKey(Rule, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     study_instance_uid = models.CharField(max_length=64, help_text="Batches are per study and destination.")
     size = models.BigIntegerField(default=0, help_text="bytes, for the MB/s limit")

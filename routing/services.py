@@ -27,6 +27,7 @@ from gateway import store
 from gateway.models import Instance
 from routing import metrics, outbox
 from routing.delivery import DEAD, DELIVERED, RETRY, DeliveryError, Item, Result
+from routing.leases import LeaseHeartbeat, lease
 from routing.models import DeliveryAttempt, Destination, ForwardJob
 from routing.ratelimit import Pacer
 
@@ -46,10 +47,6 @@ class Claim:
     missing: list[int]  # jobs whose stored file is gone
     jobs: dict[int, tuple[int, datetime, int]] = field(default_factory=dict)  # id -> (attempts, created_at, size)
     started: float = field(default_factory=time.monotonic)
-
-
-def lease() -> timedelta:
-    return timedelta(seconds=settings.ROUTING_LEASE_SECONDS)
 
 
 def _claimable(now: datetime) -> QuerySet:
@@ -122,7 +119,7 @@ def retry_delay(destination: Destination, attempts: int) -> float:
 
 
 class Recorder:
-    """Collects a batch's per-instance results; writes them every lease/3 (renewing the lease) and at the end."""
+    """Collects a batch's per-instance results; writes them every lease/3 and at the end (LeaseHeartbeat renews)."""
 
     def __init__(self, claim: Claim) -> None:
         self.claim = claim
@@ -137,22 +134,18 @@ class Recorder:
         self.results[result.job_id] = result
         self.unsaved.append(result)
         if time.monotonic() - self.saved_at > settings.ROUTING_LEASE_SECONDS / 3:
-            self.flush(renew=True)
+            self.flush()
 
     def fail_rest(self, error: DeliveryError) -> None:
         outcome = DEAD if error.permanent else RETRY
         for job_id in self.claim.jobs:
             self.add(Result(job_id, outcome, error.status, str(error)[:1000], error.retry_after))
 
-    def flush(self, *, renew: bool = False) -> None:
+    def flush(self) -> None:
         results, self.unsaved = self.unsaved, []
         self.saved_at = time.monotonic()
         if results:
             self.delivered += record_results(self.claim, results)
-        if renew:
-            ForwardJob.objects.filter(batch=self.claim.token, state=State.PENDING).update(
-                lease_until=timezone.now() + lease()
-            )
 
 
 def record_results(claim: Claim, results: list[Result]) -> int:
@@ -200,7 +193,9 @@ def _reschedule(claim: Claim, held: QuerySet, failures: list, now: datetime) -> 
         else:
             tries = claim.jobs[result.job_id][0]
             delay = delays.setdefault(tries, retry_delay(claim.destination, tries))
-            key = (RETRY, error, now + timedelta(seconds=max(delay, result.retry_after or 0.0)))
+            # The peer's Retry-After is honoured up to the longest wait the destination allows, no further.
+            asked = min(result.retry_after or 0.0, claim.destination.retry_max_delay)
+            key = (RETRY, error, now + timedelta(seconds=max(delay, asked)))
         groups.setdefault(key, []).append(result.job_id)
     for (outcome, error, next_attempt_at), ids in groups.items():
         fields = {"lease_until": None, "batch": "", "last_error": error}
@@ -268,9 +263,10 @@ def deliver(destination_id: int, study_uid: str) -> int:
         share=destination.max_concurrency,
     )
     try:
-        if claim.items:
-            _sender(destination)(destination, claim.items, recorder.add, pacer)
-        pacer.finish()  # hold the slot for this batch's share of the rate
+        with LeaseHeartbeat(claim.token):
+            if claim.items:
+                _sender(destination)(destination, claim.items, recorder.add, pacer)
+            pacer.finish()  # hold the slot for this batch's share of the rate
     except DeliveryError as error:
         recorder.fail_rest(error)
     except Exception as exc:  # a bug or a library surprise: the jobs retry, nothing is lost

@@ -13,8 +13,9 @@ from django.db.models import F, Q, QuerySet
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 
-from gateway.matching import QueryValueError, is_universal, match, query_values
+from gateway.matching import NOTHING, QueryValueError, is_universal, match, query_values, storable
 from worklist.models import Order, ScheduledStep
 
 SPS = "ScheduledProcedureStepSequence"
@@ -124,6 +125,8 @@ def _pn(path: str, value: str, *, ignore_case: bool) -> Q:
     "Yamada^Tarou=山田^太郎"; with '=', each group given must match its own
     group and an empty group matches anything ("=山田^太郎").
     """
+    if not storable(value):
+        return NOTHING
     lookup = f"{path}__{'dicom_iwildcard' if ignore_case else 'dicom_wildcard'}"
     groups = [group.rstrip("^") for group in value.split("=")[:3]]
     if not any(groups):
@@ -189,9 +192,18 @@ def _combined_start(item: Dataset) -> Q | None:
     return condition
 
 
+def _items(keyword: str, value: object) -> list[Dataset]:
+    """A sequence key's items; a value of another VR is the peer's error, unless it is empty."""
+    if value is None or value == "" or value == b"":
+        return []
+    if not isinstance(value, Sequence):
+        raise QueryError(f"{keyword} is not a sequence")
+    return list(value)
+
+
 def _parse_step_item(query: WorklistQuery, sequence: object, *, ignore_case_pn: bool) -> None:
     """PS3.4 C.2.2.2.6 sequence matching: the one item's keys match the step; an empty sequence returns them all."""
-    items = list(sequence or [])
+    items = _items(SPS, sequence)
     if len(items) > 1:
         raise QueryError("Scheduled Procedure Step Sequence holds more than one item")
     if not items:
@@ -206,7 +218,7 @@ def _parse_step_item(query: WorklistQuery, sequence: object, *, ignore_case_pn: 
     for keyword, value in _elements(item):
         if keyword in CODE_SEQUENCES:
             query.step_returned.append(keyword)
-            query.code_items[keyword] = _code_keys(value)
+            query.code_items[keyword] = _code_keys(keyword, value)
         elif keyword in STEP_KEYS:
             query.step_returned.append(keyword)
             if combined is None or keyword not in START_KEYS:
@@ -215,8 +227,8 @@ def _parse_step_item(query: WorklistQuery, sequence: object, *, ignore_case_pn: 
             query.unsupported.append(f"{SPS}/{keyword}")
 
 
-def _code_keys(sequence: object) -> list[str]:
-    items = list(sequence or [])
+def _code_keys(keyword: str, sequence: object) -> list[str]:
+    items = _items(keyword, sequence)
     if not items:
         return list(CODE_ITEM)
     asked = [element.keyword for element in items[0] if element.keyword in CODE_ITEM]
@@ -233,12 +245,14 @@ def parse_query(identifier: Dataset, *, ignore_case_pn: bool = False) -> Worklis
             _parse_step_item(query, value, ignore_case_pn=ignore_case_pn)
         elif keyword in CODE_SEQUENCES:
             query.returned.append(keyword)
-            query.code_items[keyword] = _code_keys(value)
+            query.code_items[keyword] = _code_keys(keyword, value)
         elif keyword in TOP_KEYS:
             query.returned.append(keyword)
             query.condition &= _condition(keyword, TOP_KEYS[keyword], value, ignore_case_pn=ignore_case_pn)
         else:
             query.unsupported.append(keyword or "private or unknown")
+    if not query.returned and query.step_returned is None:  # every answer would be an empty data set
+        raise QueryError("the identifier holds no Modality Worklist key")
     return query
 
 
@@ -316,8 +330,13 @@ TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 def query_character_set(identifier: Dataset) -> list[str]:
     """The query's Specific Character Set terms ([] for the default repertoire)."""
     value = identifier.get("SpecificCharacterSet") or ""
-    terms = [value] if isinstance(value, str) else list(value)
-    terms = [str(term).strip() for term in terms]
+    if isinstance(value, str):
+        terms = [value]
+    elif isinstance(value, MultiValue | list):
+        terms = [str(term) for term in value]
+    else:  # not text (a peer's wrong VR): as if absent
+        terms = []
+    terms = [term.strip() for term in terms]
     return [] if all(term in DEFAULT_REPERTOIRE for term in terms) else terms
 
 

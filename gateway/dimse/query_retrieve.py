@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (
 from gateway import metrics, qr, store
 from gateway.dimse import reactor
 from gateway.dimse.handlers import allowed
+from gateway.dimse.identifiers import MalformedIdentifier, read_identifier
 from gateway.dimse.sockets import set_nodelay
 from gateway.dimse.status import Status
 from gateway.models import Node
@@ -110,9 +111,9 @@ def handle_find(event: evt.Event) -> Iterator[tuple]:
         return
     root = ROOTS[event.request.AffectedSOPClassUID]
     try:
-        query = qr.parse_query(root, event.identifier)
+        query = qr.parse_query(root, read_identifier(event))
         rows = qr.find_rows(query, settings.FIND_LIMIT + 1)
-    except qr.QueryError as exc:
+    except (qr.QueryError, MalformedIdentifier) as exc:
         log.info("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
         _count("find", Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         yield _status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
@@ -167,7 +168,7 @@ def _send_files_as_stored(assoc: association.Association) -> None:
 
 def _retrieve_list(event: evt.Event) -> list[tuple[str, str, str, str]]:
     root = ROOTS[event.request.AffectedSOPClassUID]
-    instances = qr.retrieve_instances(root, event.identifier)
+    instances = qr.retrieve_instances(root, read_identifier(event))  # decoded once already: retrieve_refusal
     return list(instances.values_list("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "path"))
 
 
@@ -232,8 +233,8 @@ def retrieve_refusal(event: evt.Event, service: str) -> Dataset | None:
     if not allowed(event, "query_retrieve"):
         return _status(Status.REFUSED_NOT_AUTHORIZED)
     try:
-        qr.retrieve_instances(ROOTS[event.request.AffectedSOPClassUID], event.identifier)
-    except qr.QueryError as exc:
+        qr.retrieve_instances(ROOTS[event.request.AffectedSOPClassUID], read_identifier(event))
+    except (qr.QueryError, MalformedIdentifier) as exc:
         return _status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if service == "move" and move_destination(event.move_destination) is None:
         # PS3.4 C.4.2.1.4.1: only nodes registered, enabled and allowed out.

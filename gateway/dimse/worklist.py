@@ -13,6 +13,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from gateway import metrics
 from gateway.dimse import reactor
 from gateway.dimse.handlers import allowed
+from gateway.dimse.identifiers import MalformedIdentifier, read_identifier
 from gateway.dimse.status import Status
 from worklist import selectors
 
@@ -44,11 +45,11 @@ def handle_find(event: evt.Event) -> Iterator[tuple]:
         _count(Status.REFUSED_NOT_AUTHORIZED)
         yield Status.REFUSED_NOT_AUTHORIZED, None
         return
-    identifier = event.identifier
     try:
+        identifier = read_identifier(event)
         query = selectors.parse_query(identifier, ignore_case_pn=settings.WORKLIST_PN_CASE_INSENSITIVE)
         rows = selectors.find_steps(query, settings.WORKLIST_LIMIT + 1)
-    except selectors.QueryError as exc:
+    except (selectors.QueryError, MalformedIdentifier) as exc:
         log.info("worklist C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
         _count(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         yield _failure(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None

@@ -9,10 +9,13 @@ Verify action's QIDO-RS request.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -28,6 +31,7 @@ REFERENCED_SOP_INSTANCE_UID, FAILURE_REASON = "00081155", "00081197"
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 # Whole-request answers that no retry will change (PS3.18 10.5.3: 400 bad request, 409 every instance failed).
 PERMANENT_HTTP = {400, 409, 413, 415}
+_DELAY_SECONDS = re.compile(r"[0-9]{1,12}")  # RFC 9110 10.2.3: delay-seconds = 1*DIGIT
 
 
 class MultipartBody:
@@ -148,7 +152,9 @@ def results_from(response: requests.Response, items: list[Item]) -> list[Result]
     code = response.status_code
     status = str(code)
     if code in TRANSIENT_HTTP:
-        raise DeliveryError(f"STOW-RS answered HTTP {code}", status=status, retry_after=_retry_after(response))
+        retry_after = _retry_after(response)
+        asked = f", Retry-After {retry_after:.0f} s" if retry_after is not None else ""
+        raise DeliveryError(f"STOW-RS answered HTTP {code}{asked}", status=status, retry_after=retry_after)
     referenced, failed = _sequences(response)
     if code >= 300 and not (referenced or failed):
         # Not the body: a server's error text may echo patient data, and this message is logged.
@@ -201,11 +207,20 @@ def _uid(entry: dict) -> str:
 
 
 def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After in seconds (RFC 9110 10.2.3); an HTTP date is treated as unknown."""
+    """Retry-After (RFC 9110 10.2.3), delay-seconds or an HTTP-date, as seconds from now; None when malformed.
+
+    Not capped here: the job waits at most the destination's retry_max_delay (services._reschedule).
+    """
+    value = response.headers.get("Retry-After", "").strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
     try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 # --- Verify ----------------------------------------------------------------------------------

@@ -57,3 +57,20 @@ def test_defaults_need_no_variables():
     env = Env({})
     assert (env.ae_title("ISTHMUS_AE_TITLE", "ISTHMUS"), env.port("ISTHMUS_DIMSE_PORT", 11112)) == ("ISTHMUS", 11112)
     assert env.bool("ISTHMUS_REQUIRE_KNOWN_AE", True) is True and env.errors == []
+
+
+PRAGMA = "from django.db import connection; print(connection.cursor().execute('PRAGMA synchronous').fetchone()[0])"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "2"), ("normal", "1"), ("off", None)])
+def test_sqlite_commits_are_synced_to_disk_unless_told_otherwise(tmp_path, value, expected):
+    """synchronous=FULL (2) by default: an acknowledged commit survives a power cut; NORMAL (1) on request."""
+    env = {key: text for key, text in peer_env(ISTHMUS_DATA_DIR=str(tmp_path)).items() if key != "DATABASE_URL"}
+    if value:
+        env["ISTHMUS_SQLITE_SYNCHRONOUS"] = value
+    result = manage("shell", "-c", PRAGMA, env=env)
+    if expected is None:
+        assert result.returncode == 2
+        assert "invalid ISTHMUS_SQLITE_SYNCHRONOUS='off': expected one of full, normal" in result.stderr
+    else:
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr  # after the shell's banner

@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from django.utils import timezone
 
 from gateway.celery import app as celery_app
 from gateway.models import Node
 from routing import outbox, services
 from routing.models import Destination, ForwardJob, Rule
+from tests.conftest import REDIS_URL
 from tests.orthanc import Orthanc
 
 
@@ -69,6 +71,20 @@ def rings(settings, transactional_db) -> Iterator[Doorbells]:
     outbox.invalidate()
     yield doorbells
     outbox.invalidate()
+
+
+@pytest.fixture
+def redis_broker() -> Iterator[redis.Redis]:
+    """This process publishes to the test's own Redis db (emptied before and after: FLUSHDB, never FLUSHALL)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    saved = celery_app.conf.broker_url, celery_app.conf.broker_transport_options
+    celery_app.conf.broker_url, celery_app.conf.broker_transport_options = REDIS_URL, {}
+    celery_app._pool, celery_app.amqp._producer_pool = None, None
+    yield client
+    celery_app.conf.broker_url, celery_app.conf.broker_transport_options = saved
+    celery_app._pool, celery_app.amqp._producer_pool = None, None
+    client.flushdb()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ class StowRequest:
     ended: float = 0.0
     part_times: list[float] = field(default_factory=list)  # when each part's boundary arrived
     sop_instance_uids: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # acknowledged to a client still there to hear it
+    abandoned: bool = False  # the client was gone when the answer was ready: nothing stored
 
 
 # (request number, SOP Instance UIDs) -> (HTTP status, headers, {uid: failure reason or None for stored})
@@ -67,6 +71,11 @@ class StowServer:
     def received(self) -> list[str]:
         return [uid for request in self.requests for uid in request.sop_instance_uids]
 
+    @property
+    def stored(self) -> list[str]:
+        """What the server keeps: a request's instances count only if its client was there for the answer."""
+        return [uid for request in self.requests for uid in request.stored]
+
     def _post(self, handler: BaseHTTPRequestHandler) -> None:
         if handler.path.endswith("/token"):  # an OAuth2 token endpoint, for the client credentials grant
             self._token(handler)
@@ -84,6 +93,12 @@ class StowServer:
             del request.part_times[len(request.sop_instance_uids) :]  # the closing delimiter is no part
             time.sleep(self.delay)
             status, headers, outcome = self.script(number, request.sop_instance_uids)
+            if self._client_gone(handler):  # like a server that commits with its answer
+                request.abandoned = True
+                handler.close_connection = True
+                return
+            if status < 300:
+                request.stored = [uid for uid, reason in outcome.items() if reason is None]
             payload = json.dumps(self._answer(outcome)).encode() if outcome else b""
             handler.send_response(status)
             for name, value in {"Content-Type": "application/dicom+json", **headers}.items():
@@ -106,6 +121,16 @@ class StowServer:
         handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
         handler.wfile.write(payload)
+
+    @staticmethod
+    def _client_gone(handler: BaseHTTPRequestHandler) -> bool:
+        """The client closed its end (a killed process): the socket reads end-of-file."""
+        connection = handler.connection
+        try:
+            readable, _, _ = select.select([connection], [], [], 0)
+            return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     @staticmethod
     def _read(handler, length: int, marker: bytes, request: StowRequest) -> bytes:

@@ -6,84 +6,20 @@ listener receives from dcmtk storescu and rings that worker on commit.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from pydicom.uid import generate_uid
 
-from gateway.celery import app
 from routing.models import DeliveryAttempt, ForwardJob
-from tests.conftest import REDIS_URL, ROOT, peer_env
 from tests.gateway.instances import make_instance, sop_uid_of, storescu
 from tests.orthanc import Orthanc
 from tests.routing.conftest import dimse_destination, rule, states
+from tests.routing.workers import Worker, wait_until
 
 COUNT = 200
-
-
-@pytest.fixture
-def redis_broker() -> Iterator[redis.Redis]:
-    """This process publishes to the test's own Redis db (emptied before and after: FLUSHDB, never FLUSHALL)."""
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    saved = app.conf.broker_url, app.conf.broker_transport_options
-    app.conf.broker_url, app.conf.broker_transport_options = REDIS_URL, {}
-    app._pool, app.amqp._producer_pool = None, None
-    yield client
-    app.conf.broker_url, app.conf.broker_transport_options = saved
-    app._pool, app.amqp._producer_pool = None, None
-    client.flushdb()
-
-
-class Worker:
-    """`celery worker -B` in its own process group, so kill -9 takes the pool children and beat too."""
-
-    def __init__(self, folder: Path, storage: Path) -> None:
-        self.folder, self.storage = folder, storage
-        self.process: subprocess.Popen | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "celery", "-A", "gateway", "worker", "-B", "--concurrency", "2"]
-        command += ["--hostname", f"routing-{time.monotonic_ns()}@%h", "--loglevel", "INFO"]
-        # A fresh beat schedule per start: a killed beat may leave its shelve file half-written.
-        command += ["--schedule", str(self.folder / f"beat-schedule-{time.monotonic_ns()}")]
-        env = peer_env(
-            CELERY_BROKER_URL=REDIS_URL,
-            ISTHMUS_STORAGE_DIR=str(self.storage),
-            ISTHMUS_ROUTING_SWEEP_SECONDS="1",
-            ISTHMUS_ROUTING_LEASE_SECONDS="4",
-        )
-        with open(self.folder / "worker.log", "ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def kill(self) -> None:
-        """SIGKILL the whole group: no clean shutdown, no acks, leases left behind."""
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(10)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            self.process = None
 
 
 @pytest.fixture
@@ -103,15 +39,6 @@ def pacs(tmp_path) -> Iterator[Orthanc]:
 def study(folder: Path) -> list[Path]:
     study_uid, series_uid = generate_uid(), generate_uid()
     return [make_instance("CT_small.dcm", folder, study_uid=study_uid, series_uid=series_uid) for _ in range(COUNT)]
-
-
-def wait_until(condition, timeout: float, step: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 def assert_all_arrived_once(pacs: Orthanc, files: list[Path]) -> None:

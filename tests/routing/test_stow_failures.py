@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
@@ -161,3 +162,56 @@ def test_authentication_kinds(storage, rings, stow_server, tmp_path):
     seen = sorted(request.authorization for request in stow_server.requests)
     assert seen == sorted(["Basic aXN0aG11czpzM2NyZXQ="] * 2 + ["Bearer static-token"] * 2 + ["Bearer token-1"] * 2)
     assert stow_server.token_requests == [("Basic Y2xpZW50OnNlY3JldA==", "grant_type=client_credentials&scope=stow")]
+
+
+def http_date(seconds_from_now: float) -> str:
+    return email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["999999999999", lambda: http_date(365 * 86400), "Fri, 31 Dec 9999 23:59:59 GMT"],
+    ids=["twelve-digits", "date-in-a-year", "year-9999"],
+)
+def test_a_hostile_retry_after_waits_no_longer_than_the_destination_allows(
+    storage, rings, stow_server, tmp_path, retry_after
+):
+    rule("cloud", {}, stow_destination(stow_server.url, retry_first_delay=0.2, retry_max_delay=2.0))
+    receive(tmp_path / "in", count=2)
+    header = retry_after() if callable(retry_after) else retry_after
+    answers = iter([(503, {"Retry-After": header}, {})])
+    stow_server.script = lambda n, sent: next(answers, None) or accept_all(n, sent)
+
+    drain(timeout=15)
+
+    assert states() == {"delivered": 2}
+    waited = stow_server.requests[1].started - stow_server.requests[0].ended
+    assert 1.0 <= waited < 5.0  # the cap (2 s, less jitter), not the year asked for
+    assert "Retry-After" in DeliveryAttempt.objects.filter(outcome="retry").first().error
+
+
+def test_retry_after_as_an_http_date_is_honoured(storage, rings, stow_server, tmp_path):
+    rule("cloud", {}, stow_destination(stow_server.url, retry_first_delay=0.2, retry_max_delay=60.0))
+    receive(tmp_path / "in", count=1)
+    answers = iter([(429, {"Retry-After": http_date(3)}, {})])
+    stow_server.script = lambda n, sent: next(answers, None) or accept_all(n, sent)
+
+    drain(timeout=15)
+
+    assert states() == {"delivered": 1}
+    # An HTTP-date has whole seconds: 3 s ahead is 2-3 s after the answer, far above the 0.2 s backoff.
+    assert stow_server.requests[1].started - stow_server.requests[0].ended >= 1.5
+
+
+@pytest.mark.parametrize("malformed", ["soon", "1.5e9", "inf", "2²"])
+def test_a_malformed_retry_after_falls_back_to_the_backoff(storage, rings, stow_server, tmp_path, malformed):
+    rule("cloud", {}, stow_destination(stow_server.url, retry_first_delay=0.2, retry_max_delay=60.0))
+    receive(tmp_path / "in", count=1)
+    answers = iter([(503, {"Retry-After": malformed}, {})])
+    stow_server.script = lambda n, sent: next(answers, None) or accept_all(n, sent)
+
+    drain(timeout=15)
+
+    assert states() == {"delivered": 1}
+    assert stow_server.requests[1].started - stow_server.requests[0].ended < 1.0  # 0.2 s backoff, not a wait
+    assert DeliveryAttempt.objects.get(outcome="retry").error == "STOW-RS answered HTTP 503"
