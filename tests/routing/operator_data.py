@@ -34,3 +34,14 @@ def attempt(forward_job: ForwardJob, outcome: str, *, at: datetime, error: str =
 def study_with_instances(number: int, count: int) -> tuple[Study, list[Instance]]:
     study = make_study(number, ("CT",), per_series=count, size=1000)
     return study, list(Instance.objects.filter(series__study=study).order_by("instance_number"))
+
+
+def stow_destination_form(destination: Destination, **fields) -> dict:
+    """The admin change form of a bearer-token STOW-RS destination, secrets left blank (kept as stored)."""
+    form = {
+        "name": destination.name, "kind": "dicomweb", "enabled": "on", "url": destination.url, "auth": "bearer",
+        "token": "", "password": "", "oauth_client_secret": "", "verify_tls": "on", "connect_timeout": 10,
+        "read_timeout": 120, "max_concurrency": 2, "batch_size": 50, "retry_attempts": 20, "retry_first_delay": 5,
+        "retry_multiplier": 2, "retry_max_delay": 600, "retry_max_age": 604800,
+    }  # fmt: skip
+    return {**form, **fields}

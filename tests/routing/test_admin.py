@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from routing.models import DeliveryAttempt, Destination, ForwardJob, Rule
 from tests.conftest import free_port
-from tests.routing.operator_data import attempt, dimse_destination, job, study_with_instances
+from tests.routing.operator_data import attempt, dimse_destination, job, stow_destination_form, study_with_instances
 
 State, Outcome = ForwardJob.State, DeliveryAttempt.Outcome
 JOBS = reverse("admin:routing_forwardjob_changelist")
@@ -191,12 +191,7 @@ def test_destination_form_never_shows_secrets_and_blank_keeps_them(admin_client,
     url = reverse("admin:routing_destination_change", args=[cloud.pk])
     page = admin_client.get(url).content.decode()
     assert "s3cret" not in page and "leave blank to keep it" in page
-    form = {
-        "name": "cloud", "kind": "dicomweb", "enabled": "on", "url": cloud.url, "auth": "bearer", "token": "",
-        "password": "", "oauth_client_secret": "", "verify_tls": "on", "connect_timeout": 10, "read_timeout": 60,
-        "max_concurrency": 3, "batch_size": 50, "retry_attempts": 20, "retry_first_delay": 5,
-        "retry_multiplier": 2, "retry_max_delay": 600, "retry_max_age": 604800,
-    }  # fmt: skip
+    form = stow_destination_form(cloud, max_concurrency=3, read_timeout=60)
     response = admin_client.post(url, form)
     assert response.status_code == 302, response.content.decode()[:3000]
     cloud.refresh_from_db()

@@ -17,6 +17,7 @@ from gateway.encryption import KEY_FILE, PREFIX
 from routing.models import Destination, ForwardJob
 from tests.conftest import free_port, manage
 from tests.routing.conftest import drain, rule, states, stow_destination
+from tests.routing.operator_data import stow_destination_form
 from tests.routing.stow_server import StowServer
 from tests.routing.test_stow_failures import receive
 
@@ -116,12 +117,7 @@ def test_admin_says_a_secret_cannot_be_decrypted_and_saving_keeps_it(admin_clien
     page = admin_client.get(url).content.decode()
 
     assert "cannot be decrypted: no key" in page and PREFIX not in page
-    form = {
-        "name": "cloud", "kind": "dicomweb", "enabled": "on", "url": cloud.url, "auth": "bearer", "token": "",
-        "password": "", "oauth_client_secret": "", "verify_tls": "on", "connect_timeout": 10, "read_timeout": 60,
-        "max_concurrency": 3, "batch_size": 50, "retry_attempts": 20, "retry_first_delay": 5,
-        "retry_multiplier": 2, "retry_max_delay": 600, "retry_max_age": 604800,
-    }  # fmt: skip
+    form = stow_destination_form(cloud, max_concurrency=3, read_timeout=60)
     response = admin_client.post(url, form)
     assert response.status_code == 302, response.content.decode()[:3000]
     assert stored("cloud")["token"] == before["token"] and Destination.objects.get().max_concurrency == 3
