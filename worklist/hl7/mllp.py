@@ -22,9 +22,12 @@ from collections.abc import Callable, Iterator
 
 from django.db import connection
 
+from gateway.logthrottle import Throttled
 from worklist.hl7 import metrics
 
 log = logging.getLogger("isthmus.hl7")
+# A flood of refused connections writes one line per cap and source per 10 s; the metric counts them all.
+throttled_log = Throttled(log)
 
 START = b"\x0b"  # <VT>
 END = b"\x1c\x0d"  # <FS><CR>
@@ -164,7 +167,7 @@ class MllpServer:
                 self._connections[thread] = client
                 self._per_source[source] += 1
                 return thread
-        log.warning("HL7 connection from %s refused: %s", source, limit)
+        throttled_log.warning((refusal, source), "HL7 connection from %s refused: %s", source, limit)
         metrics.CONNECTIONS.labels(refusal).inc()
         client.close()
         return None

@@ -18,11 +18,14 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
 from gateway import hl7_senders, ratelimit
+from gateway.logthrottle import Throttled
 from worklist import services
 from worklist.errors import INTERNAL_ERROR, RECORD_LOCKED, UNSUPPORTED_MESSAGE_TYPE, Rejected, WorklistError
 from worklist.hl7 import ack, mapping, metrics
 
 log = logging.getLogger("isthmus.hl7")
+# Refusals from one source for one reason: one line per 10 s, however many messages; the metric counts each.
+throttled_log = Throttled(log)
 RATE_KIND = "hl7"
 # The database cannot be reached or is locked: nothing is wrong with the message, the sender retries.
 UNAVAILABLE = (OperationalError, InterfaceError)
@@ -75,8 +78,8 @@ def _admit(header: mapping.Header, address: str) -> bytes | None:
 
 def _refuse(header: mapping.Header, address: str, reason: str, text: str, error_code: str) -> bytes:
     """Nothing read past MSH, nothing kept but the count: the message may be anyone's."""
-    log.warning("HL7 %s control=%s from %s refused (%s): AR", header.message_type or "(unknown)",
-                header.control_id or "-", address, reason)  # fmt: skip
+    throttled_log.warning((address, reason), "HL7 %s control=%s from %s refused (%s): AR",
+                          header.message_type or "(unknown)", header.control_id or "-", address, reason)  # fmt: skip
     metrics.MESSAGES.labels("AR", reason).inc()
     return ack.encode(ack.build(header, "AR", error_text=text, error_code=error_code), header.encoding)
 
