@@ -58,12 +58,15 @@ class LeaseHeartbeat:
         self._thread.join()
 
     def _run(self) -> None:
+        """Renew at once (the claim's own lease may be partly spent on a loaded host), then every lease/3."""
         try:
-            while not self._stop.wait(settings.ROUTING_LEASE_SECONDS / 3):
+            while True:
                 try:
                     if not renew_lease(self.token):
                         return  # every job recorded, or the lease lost: nothing of ours to keep
                 except DatabaseError as exc:  # the next beat tries again; the lease has two more periods
                     log.warning("lease of batch %s not renewed: %s", self.token, type(exc).__name__)
+                if self._stop.wait(settings.ROUTING_LEASE_SECONDS / 3):
+                    return
         finally:
             connection.close()
