@@ -89,8 +89,6 @@ def read_header(
                 )
             else:
                 dataset = _walked_dataset(path, window, offset, transfer_syntax, frozenset(tags))
-            for _element in dataset:  # decode the raw values now: a malformed one is this file's fault, refused here
-                pass
     except Unreadable:
         raise
     except _PARSE_ERRORS as exc:

@@ -138,8 +138,15 @@ def validate_conditions(conditions: object) -> list[str]:
 
 
 def values_of(dataset: Dataset, keyword: str) -> list[str]:
-    """An attribute's values as text ([""] when absent), for matching."""
-    element = dataset.get(keyword)
+    """An attribute's values as text ([""] when absent, or too malformed for pydicom to decode), for matching.
+
+    Values stay raw until read (part10.read_header), so a malformed one surfaces here: it must cost the
+    instance its match on that attribute, not its storage (indexing.text treats it the same way).
+    """
+    try:
+        element = dataset.get(keyword)
+    except Exception:
+        return [""]
     if element is None:
         return [""]
     value = element.value if hasattr(element, "value") else element

@@ -55,7 +55,9 @@ def test_instance_past_the_cap_is_refused_and_the_association_goes_on(modality, 
 def test_free_space_is_watched_during_a_receive(modality, tmp_path):
     """A 48 MB volume, a 16 MB watermark, a 64 MB instance: refused once the disk gets low, mid-receive."""
     if not can_mount_tmpfs():  # a real small disk is the only honest way to fill one; never skipped silently
-        pytest.fail("cannot mount a small tmpfs: enable user namespaces (unshare --mount --map-root-user) or run as root")
+        pytest.fail(
+            "cannot mount a small tmpfs: enable user namespaces (unshare --mount --map-root-user) or run as root"
+        )
     port, log, storage = free_port(), tmp_path / "listener.log", tmp_path / "volume"
     large = multiframe_mr(tmp_path / "mr", frames=8000)  # 64 MB
     small = make_instance("CT_small.dcm", tmp_path / "ct")

@@ -23,6 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from gateway import indexing, inflate, part10
+from routing import rules
 from tests.fuzz import fuzz
 from tests.gateway.bombs import part10_head
 
@@ -73,9 +74,11 @@ def judge(folder: Path, data: bytes) -> part10.Header | None:
     assert peak < MEMORY_BOUND, f"read_header held {peak / MB:.1f} MB"
     assert list(scratch.iterdir()) == [], "the inflated copy was left behind"
     assert header is None or isinstance(header, part10.Header)
-    if header is not None:  # the values the store reads next decode without raising
-        values = [element.value for element in header.dataset]
-        assert len(values) == len(header.dataset)
+    if header is not None:  # what the store reads next (index fields, rule values) never raises, however malformed
+        dataset = header.dataset
+        readers = (indexing.patient_fields, indexing.study_fields, indexing.series_fields, indexing.instance_fields)
+        assert all(isinstance(read(dataset), dict) for read in readers)
+        assert rules.instance_values(dataset, indexing.KEYWORDS, calling_ae="CT1", called_ae="ISTHMUS")
     return header
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from routing.rules import (
     CompiledRule,
@@ -12,6 +14,7 @@ from routing.rules import (
     conditions_match,
     select,
     validate_conditions,
+    values_of,
 )
 
 
@@ -116,3 +119,12 @@ def test_default_rule_only_when_nothing_else_matched():
     ]
     assert select(rules, values("CT")) == [(1, 10)]
     assert select(rules, values("MR")) == [(9, 99)]
+
+
+def test_a_value_pydicom_cannot_decode_matches_as_absent_and_does_not_raise():
+    """Header values stay raw until read (part10.read_header): a malformed one costs its match, not the instance."""
+    rows = Tag("Rows")
+    dataset = Dataset({rows: RawDataElement(rows, "US", 3, b"\x01\x02\x03", 0, False, True)})  # US is 2 bytes a value
+
+    assert values_of(dataset, "Rows") == [""]
+    assert conditions_match({"Rows": "*"}, dataset)
