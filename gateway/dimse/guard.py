@@ -159,7 +159,8 @@ def read_pdu(provider: dul.DULServiceProvider) -> None:
             detail = f"declared {length} bytes for its {PDU_NAMES[pdu_type]}, more than the {bound} we read"
             _cut(provider, "pdu-too-large", detail, INVALID_PARAMETER_VALUE, kind=pdu_type)
             return
-        pdu_bytes = header + bytearray(length)
+        pdu_bytes = bytearray(6 + length)  # one buffer, filled in place
+        pdu_bytes[:6] = header
         _receive_into(raw, memoryview(pdu_bytes)[6:], deadline, started=True)
     except _Closed as closed:
         if closed.partial:
